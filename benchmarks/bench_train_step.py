@@ -1,0 +1,74 @@
+"""Training-step time and memory of ClinVLA: ``small`` and ``base``, local loss off (baseline) and on.
+
+One step = forward of both encoders (two views, 75% of patches masked), the losses, backward and
+the AdamW update, on random images and full-length token sequences. On the GPU it runs in bf16
+autocast; on the CPU in float32.
+
+    python -m benchmarks.bench_train_step [--out DIR] [--presets small,base] [--repeat N]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.harness import Bench
+from clinvla_engine.losses.objective import training_losses
+from clinvla_engine.model import create_model
+
+CPU_BATCH = {"small": 32, "base": 4}
+GPU_BATCH = {"small": 256, "base": 96}
+
+
+def step_fn(preset: str, local: bool, batch: int, device: torch.device):
+    cfg = {"preset": preset, "loss": {"local_weight": 1.0 if local else 0.0}}
+    model = create_model(cfg, pretrained=False).to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    size = model.config.vision.image_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    frontal = torch.randn(batch, 3, size, size, generator=g).to(device)
+    lateral = torch.randn(batch, 3, size, size, generator=g).to(device)
+    present = torch.ones(batch, dtype=torch.bool, device=device)
+    length = model.config.text.max_length
+    vocab = model.config.text.bert["vocab_size"]
+    ids = torch.randint(1000 if vocab > 2000 else 50, vocab, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = model.tokenizer.cls_id, model.tokenizer.sep_id
+    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
+    amp = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(frontal, ids, mask, lateral, present)
+            loss = training_losses(out, model.config.loss)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="results folder (default benchmarks/results)")
+    ap.add_argument("--presets", default="small,base")
+    ap.add_argument("--repeat", type=int, default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = GPU_BATCH if device.type == "cuda" else CPU_BATCH
+    repeat = args.repeat or (20 if device.type == "cuda" else 5)
+    bench = Bench("train_step", args.out, repeat=repeat, params={"batch": sizes, "device": str(device)})
+    for preset in args.presets.split(","):
+        batch = sizes[preset]
+        with bench.case(f"{preset}, batch {batch}, 2 views, 75% masked", device=str(device)) as case:
+            for local in (False, True):
+                fn, model = step_fn(preset, local, batch, device)
+                label = "global + local loss" if local else "global loss only"
+                row = case.run(label, fn, baseline=not local, warmup=2)
+                if row is not None:
+                    row.achieved["studies/s"] = batch / (row.median_ms * 1e-3)
+                del fn, model
+    bench.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The benchmark harness every ``bench_*.py`` script uses.
+
+One run measures a baseline and the fast paths side by side on the same inputs and reports, per
+row: median time with p20/p80, peak extra memory, the speed-up over the case's baseline, and, where
+the script gives one, the ratio to a hardware floor (bytes / measured bandwidth or FLOPs / measured
+peak). Results go to ``<outdir>/<bench>.json`` plus a Markdown table; ``python -m
+benchmarks.harness render`` rebuilds ``benchmarks/RESULTS.md`` from every JSON file.
+
+Usage::
+
+    bench = Bench("local_align", args.out)
+    with bench.case("B=96 T=128 M=98 D=128, fwd+bwd", flops=...) as case:
+        case.run("loop fp32", loop_fn, baseline=True)
+        case.run("kernel bf16", kernel_fn)
+    bench.finish()
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> dict:
+    """Where the numbers come from: CPU, cores, GPU, library versions."""
+    info = {
+        "host": platform.node(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class Row:
+    variant: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    peak_mem_mb: float | None
+    baseline: bool = False
+    speedup: float | None = None  # baseline median / this median
+    floor_ratio: float | None = None  # this median / floor (1.0 = at the hardware floor)
+    achieved: dict = field(default_factory=dict)  # e.g. {"TFLOP/s": 310.0}
+    note: str = ""
+
+
+@dataclass
+class Case:
+    name: str
+    device: str
+    floor_ms: float | None = None
+    floor_note: str = ""
+    flops: float | None = None
+    bytes_moved: float | None = None
+    rows: list[Row] = field(default_factory=list)
+    _bench: "Bench | None" = None
+
+    def run(
+        self,
+        variant: str,
+        fn: Callable[[], object],
+        *,
+        baseline: bool = False,
+        warmup: int = 2,
+        repeat: int | None = None,
+        min_time_s: float | None = None,
+        note: str = "",
+    ) -> Row | None:
+        """Times fn() (median of repeats) and records its peak extra memory; errors become a note."""
+        bench = self._bench
+        repeat = repeat if repeat is not None else bench.repeat
+        min_time_s = min_time_s if min_time_s is not None else bench.min_time_s
+        try:
+            times, peak = _measure(fn, self.device, warmup, repeat, min_time_s)
+        except Exception as exc:  # a variant that fails (OOM, unsupported) is reported, not fatal
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print(f"  {self.name} | {variant}: FAILED {msg}")
+            self.rows.append(Row(variant, float("nan"), float("nan"), float("nan"), 0, None, baseline, note=msg))
+            _free(self.device)
+            return None
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
+        row = Row(
+            variant=variant,
+            median_ms=statistics.median(times),
+            p20_ms=q[0],
+            p80_ms=q[3],
+            repeats=len(times),
+            peak_mem_mb=peak,
+            baseline=baseline,
+            note=note,
+        )
+        if self.flops:
+            row.achieved["TFLOP/s"] = self.flops / (row.median_ms * 1e-3) / 1e12
+        if self.bytes_moved:
+            row.achieved["GB/s"] = self.bytes_moved / (row.median_ms * 1e-3) / 1e9
+        self.rows.append(row)
+        _free(self.device)
+        print(f"  {self.name} | {variant}: {row.median_ms:.3f} ms (p20 {row.p20_ms:.3f}, p80 {row.p80_ms:.3f})"
+              + (f", peak +{peak:.1f} MiB" if peak is not None else ""))
+        return row
+
+    def finalize(self) -> None:
+        base = next((r for r in self.rows if r.baseline and r.median_ms == r.median_ms), None)
+        for r in self.rows:
+            if base is not None and r.median_ms == r.median_ms and r.median_ms > 0:
+                r.speedup = base.median_ms / r.median_ms
+            if self.floor_ms and r.median_ms == r.median_ms:
+                r.floor_ratio = r.median_ms / self.floor_ms
+
+
+class Bench:
+    def __init__(self, name: str, outdir: str | os.PathLike | None = None, *, repeat: int = 20,
+                 min_time_s: float = 0.0, params: dict | None = None):
+        self.name = name
+        self.outdir = Path(outdir) if outdir else RESULTS_DIR
+        self.repeat = repeat
+        self.min_time_s = min_time_s
+        self.params = params or {}
+        self.cases: list[Case] = []
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        print(f"== bench {name} on {machine().get('gpu') or machine()['cpu']} ==")
+
+    @contextmanager
+    def case(self, name: str, *, device: str = "cpu", floor_ms: float | None = None,
+             floor_note: str = "", flops: float | None = None, bytes_moved: float | None = None):
+        case = Case(name, device, floor_ms, floor_note, flops, bytes_moved, _bench=self)
+        try:
+            yield case
+        finally:
+            case.finalize()
+            self.cases.append(case)
+
+    def to_dict(self) -> dict:
+        cases = []
+        for c in self.cases:
+            d = {k: v for k, v in asdict(c).items() if k not in ("_bench", "rows")}
+            d["rows"] = [asdict(r) for r in c.rows]
+            cases.append(d)
+        return {
+            "bench": self.name,
+            "date": self.started.strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "params": self.params,
+            "cases": cases,
+        }
+
+    def finish(self) -> Path:
+        """Writes JSON and Markdown, prints the table, returns the JSON path."""
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        path = self.outdir / f"{self.name}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+        md = render_markdown(data)
+        (self.outdir / f"{self.name}.md").write_text(md)
+        print(md)
+        return path
+
+
+def render_markdown(data: dict) -> str:
+    m = data["machine"]
+    where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
+    lines = [
+        f"### {data['bench']}",
+        "",
+        f"{data['date']} on {where}; torch {m.get('torch', '?')}"
+        + (f", triton {m['triton']}" if m.get("triton") else ""),
+        "",
+        "| case | variant | median ms | p20-p80 ms | peak extra MiB | speed-up vs baseline | x floor | achieved |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in data["cases"]:
+        for r in c["rows"]:
+            if r["median_ms"] != r["median_ms"]:
+                lines.append(f"| {c['name']} | {r['variant']} | failed | | | | | {r['note']} |")
+                continue
+            ach = ", ".join(f"{v:.3g} {k}" for k, v in r["achieved"].items())
+            if r.get("note"):
+                ach = f"{ach}; {r['note']}" if ach else r["note"]
+            peak = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+            speed = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+            floor = "" if r["floor_ratio"] is None else f"{r['floor_ratio']:.2f}"
+            base = " (baseline)" if r["baseline"] else ""
+            lines.append(
+                f"| {c['name']} | {r['variant']}{base} | {r['median_ms']:.3f} | "
+                f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {peak} | {speed} | {floor} | {ach} |"
+            )
+        if c.get("floor_ms"):
+            lines.append(f"| {c['name']} | floor | {c['floor_ms']:.3f} | | | | 1.00 | {c.get('floor_note', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _measure(fn, device: str, warmup: int, repeat: int, min_time_s: float) -> tuple[list[float], float | None]:
+    if device.startswith("cuda"):
+        import torch
+
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        start_all = time.perf_counter()
+        while len(times) < repeat or time.perf_counter() - start_all < min_time_s:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return times, peak
+    # CPU: the sampler starts before the warm-up, because memory the allocator keeps after the
+    # first call would otherwise hide every later call's peak
+    sampler = _RssSampler()
+    times = []
+    with sampler:
+        for _ in range(warmup):
+            fn()
+        start_all = time.perf_counter()
+        while len(times) < repeat or time.perf_counter() - start_all < min_time_s:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times, sampler.peak_mb
+
+
+class _RssSampler:
+    """Peak resident-memory growth of this process while timing (CPU runs), sampled every 2 ms."""
+
+    def __init__(self):
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+
+    def _rss(self) -> int | None:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self):
+        self._base = self._rss()
+        self._peak = self._base
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.002):
+            rss = self._rss()
+            if rss is not None and rss > self._peak:
+                self._peak = rss
+
+    def __exit__(self, *exc):
+        if self._base is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(0.0, (self._peak - self._base) / 2**20)
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def render_results(results_dirs: list[Path], out: Path = RESULTS_MD) -> None:
+    """Rebuilds RESULTS.md from every bench JSON under the given folders (newest file per bench)."""
+    files = {}
+    for d in results_dirs:
+        for p in sorted(Path(d).glob("*.json")):
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            if "bench" in data and "cases" in data:
+                key = (data["bench"], data["machine"].get("gpu") or data["machine"].get("cpu"))
+                files[key] = data
+    parts = [
+        "# Benchmark results",
+        "",
+        "Generated by `python -m benchmarks.harness render` from the JSON files in "
+        "`benchmarks/results/` (CPU) and `benchmarks/results/gpu/` (GPU suite). Every figure comes from "
+        "one run of the named script; speed-ups compare rows of the same case in that run.",
+        "",
+    ]
+    for (_, _), data in sorted(files.items()):
+        parts.append(render_markdown(data))
+    out.write_text("\n".join(parts))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="benchmark harness utilities")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("render", help="rebuild benchmarks/RESULTS.md from the JSON results")
+    r.add_argument("dirs", nargs="*", type=Path, default=[RESULTS_DIR, RESULTS_DIR / "gpu"])
+    args = ap.parse_args()
+    if args.cmd == "render":
+        render_results(args.dirs)
+
+
+if __name__ == "__main__":
+    main()

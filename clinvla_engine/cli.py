@@ -1,0 +1,148 @@
+"""The ``clinvla`` command line. ``clinvla <command> --help`` is the manual of each command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _cmd_synth(args) -> int:
+    from .data.synth import generate_archive
+
+    summary = generate_archive(args.out, studies=args.studies, seed=args.seed, fmt=args.format, size=args.size,
+                               lateral_fraction=args.lateral_fraction, progress=not args.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config)
+    if args.image_weights:
+        cfg.vision.weights = args.image_weights
+    if args.text_model:
+        cfg.text.model = args.text_model
+    if args.batch_size:
+        cfg.train.batch_size = args.batch_size
+    result = train(cfg, args.data, args.out, max_steps=args.max_steps, epochs=args.epochs, resume=args.resume,
+                   device=args.device, progress=not args.quiet, preload=args.preload)
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.samples_per_s:.1f} samples/s), "
+          f"final loss {result.final_loss:.4f}; checkpoint {result.out_dir / 'model.safetensors'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate, format_table
+    from .model import load_checkpoint
+
+    model = load_checkpoint(args.checkpoint, map_location=args.device or "cpu")
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    results = evaluate(model, args.data, protocols=protocols, split=args.split, seed=args.seed,
+                       per_class=args.per_class, manifest_in=args.manifest, manifest_out=args.save_manifest,
+                       rsna_data=args.rsna_data, device=args.device)
+    print(format_table(results, f"ClinVLA evaluation of {args.checkpoint} on {args.data} ({args.split})"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, studies=args.studies, steps=args.steps, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from . import build_info
+
+    print(json.dumps(build_info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="clinvla",
+        description="ClinVLA: align chest X-ray studies (frontal + lateral) with reports, and search an archive.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("synth", help="write a synthetic multi-view chest X-ray archive (a test bed, not clinical data)")
+    p.add_argument("--out", required=True, help="output folder (must be empty or a previous synthetic archive)")
+    p.add_argument("--studies", type=int, default=1000, help="number of studies (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same archive")
+    p.add_argument("--format", default="mimic", choices=["mimic", "dicom", "chexpert", "rsna"],
+                   help="on-disk layout (default mimic: MIMIC-CXR-JPG with report files)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--lateral-fraction", type=float, default=0.85, help="fraction of studies with a lateral view")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train ClinVLA on an archive of image-report pairs")
+    p.add_argument("--config", default="small", help="preset (tiny, small, base) or JSON file (default small)")
+    p.add_argument("--data", required=True, help="dataset folder (MIMIC-CXR-JPG layout, DICOM tree, ...)")
+    p.add_argument("--out", required=True, help="output folder for the checkpoint, metrics and config")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
+    p.add_argument("--epochs", type=int, help="stop after this many epochs (overrides train.epochs)")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (overrides train.batch_size)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (weights, optimizer, schedule)")
+    p.add_argument("--image-weights", help="timm/MAE/MRM ViT checkpoint to start the image encoder from")
+    p.add_argument("--text-model", help="local Hugging Face BERT directory (CXR-BERT, BioClinicalBERT, ...)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--preload", action="store_true", help="decode all images into memory first (small archives)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="retrieval and zero-shot protocols (5x200, 8x200, instance, rsna)")
+    p.add_argument("checkpoint", help="model.safetensors or training output folder")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--protocols", default="5x200,8x200,instance", help="comma-separated (default 5x200,8x200,instance)")
+    p.add_argument("--split", default="test", help="train, validate, test or all (default test)")
+    p.add_argument("--per-class", type=int, default=200, help="studies per class (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the protocol sets")
+    p.add_argument("--manifest", help="reuse the sets of this manifest (refused if an image changed)")
+    p.add_argument("--save-manifest", help="write the drawn sets (study ids, file hashes) here")
+    p.add_argument("--rsna-data", help="RSNA Pneumonia folder for the rsna protocol")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--device", help="cpu or cuda")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="synthesise, train ClinVLA and a CLIP baseline, evaluate, write an HTML report")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--studies", type=int, default=None, help="synthetic studies (default: the demo's setting)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's setting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a tiny run in about a minute (for tests)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="what is built and available here (extension, CUDA, Triton, ONNX Runtime, TensorRT)")
+    p.set_defaults(func=_cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.study import DatasetError
+    from .model.checkpoint import CheckpointError
+    from .train import TrainError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, CheckpointError, TrainError, FileNotFoundError, ValueError) as exc:
+        print(f"clinvla {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_engine_main(argv: list[str] | None = None) -> int:
+    print("clinvla-build-engine: not built yet (the engine builder lands with its own issue)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

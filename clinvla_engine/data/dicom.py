@@ -1,0 +1,287 @@
+"""A generic DICOM tree as a PACS exports it: CR/DX images and Basic Text SR reports, any folder layout.
+
+The tree is walked once in sorted order; each candidate file's header is read with
+stop_before_pixels (an SR has no pixel data, so its whole content tree comes with it). Images are
+grouped by StudyInstanceUID; the view comes from ViewPosition, else ViewCodeSequence[0].CodeMeaning.
+A text SR of the same study gives the report "FINDINGS: <text>\\nIMPRESSION: <text>". An optional
+labels.csv (study_id = StudyInstanceUID, split, CheXpert columns) adds labels and splits.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .formats import ArchiveDataset, finish_dataset
+from .io import (
+    CsvTable,
+    dicom_refusal,
+    is_dicom,
+    normalise_split,
+    parse_label,
+    read_dicom_header,
+    require_pydicom,
+    with_progress,
+)
+from .study import CHEXPERT_COLUMNS, DatasetError, Study
+
+IMAGE_MODALITIES = frozenset({"CR", "DX"})
+FRONTAL_RANK = {"PA": 0, "AP": 1}  # PA preferred over AP
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL"})
+# ViewCodeSequence meanings, compared without case, spaces or hyphens.
+_CODE_FRONTAL = {"posteroanterior": "PA", "anteroposterior": "AP"}
+_CODE_LATERAL = {"lateral": "LATERAL", "leftlateral": "LL", "rightlateral": "RL"}
+
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+# Text SR classes whose content is the report; other SRs (e.g. radiation dose) are not reports.
+TEXT_SR_CLASSES = frozenset({BASIC_TEXT_SR, "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33"})
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+# DCM codes: 121070 Findings, 121071 Finding, 121073 Impression.
+_FINDINGS_NAMES, _FINDINGS_CODES = frozenset({"findings", "finding"}), frozenset({"121070", "121071"})
+_IMPRESSION_NAMES, _IMPRESSION_CODES = frozenset({"impression", "impressions"}), frozenset({"121073"})
+
+# Files with these suffixes are never opened while walking (reports, labels, images of other formats).
+_NOT_DICOM_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".txt", ".csv", ".gz", ".json", ".jsonl", ".md", ".xml", ".html", ".zip",
+     ".tar", ".py", ".log", ".parquet", ".npy", ".npz", ".pt", ".safetensors"}
+)
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Every file below root in a stable (sorted) order, skipping hidden folders and files."""
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(folder, name)
+
+
+def _dicom_candidates(root: Path) -> Iterator[Path]:
+    for path in walk_files(root):
+        if path.suffix.lower() not in _NOT_DICOM_SUFFIXES and is_dicom(path):
+            yield path
+
+
+def first_dicom_file(root: Path) -> Path | None:
+    """The first DICOM file of the tree, or None (used for format detection)."""
+    return next(_dicom_candidates(root), None)
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def view_of(ds: Any) -> tuple[str, str | None]:
+    """("frontal" | "lateral" | "other", view name) from ViewPosition, else ViewCodeSequence."""
+    position = _text(ds, "ViewPosition").upper()
+    if position:
+        if position in FRONTAL_RANK:
+            return "frontal", position
+        if position in LATERAL_VIEWS:
+            return "lateral", position
+        return "other", position
+    codes = ds.get("ViewCodeSequence")
+    if codes:
+        meaning = _text(codes[0], "CodeMeaning")
+        key = meaning.lower().replace("-", "").replace(" ", "")
+        if key in _CODE_FRONTAL:
+            return "frontal", _CODE_FRONTAL[key]
+        if key in _CODE_LATERAL:
+            return "lateral", _CODE_LATERAL[key]
+        return "other", meaning or None
+    return "other", None
+
+
+def _collect_text(items: Any, findings: list[str], impression: list[str], other: list[str]) -> None:
+    for item in items or ():
+        if _text(item, "ValueType").upper() == "TEXT":
+            body = " ".join(_text(item, "TextValue").split())
+            names = item.get("ConceptNameCodeSequence")
+            meaning = _text(names[0], "CodeMeaning").lower() if names else ""
+            code = _text(names[0], "CodeValue") if names else ""
+            if body:
+                if meaning in _FINDINGS_NAMES or code in _FINDINGS_CODES:
+                    findings.append(body)
+                elif meaning in _IMPRESSION_NAMES or code in _IMPRESSION_CODES:
+                    impression.append(body)
+                else:
+                    other.append(body)
+        if "ContentSequence" in item:
+            _collect_text(item.ContentSequence, findings, impression, other)
+
+
+def report_from_sr(ds: Any) -> str | None:
+    """"FINDINGS: ...\\nIMPRESSION: ..." from a text SR's TEXT items (nested containers searched).
+
+    Either line is left out when its section is absent; an SR with TEXT items but neither section
+    gives those texts joined; an SR with no text gives None.
+    """
+    findings: list[str] = []
+    impression: list[str] = []
+    other: list[str] = []
+    _collect_text(ds.get("ContentSequence"), findings, impression, other)
+    lines = []
+    if findings:
+        lines.append("FINDINGS: " + " ".join(findings))
+    if impression:
+        lines.append("IMPRESSION: " + " ".join(impression))
+    if lines:
+        return "\n".join(lines)
+    return " ".join(other) or None
+
+
+class _StudyFiles:
+    __slots__ = ("subject", "frontals", "laterals", "views", "reports")
+
+    def __init__(self) -> None:
+        self.subject: str | None = None
+        self.frontals: list[tuple[int, int, Path, str]] = []  # (rank, order, path, view)
+        self.laterals: list[tuple[int, Path, str]] = []  # (order, path, view)
+        self.views: list[str] = []
+        self.reports: list[tuple[str, int, Path, str]] = []  # (date+time, order, path, text)
+
+
+def _read_labels(path: Path, problems: list[str]) -> dict[str, tuple[str | None, dict[str, float], int]]:
+    table = CsvTable(path, ("study_id",), problems, fix="labels.csv needs a study_id column (the StudyInstanceUID)")
+    i_study, i_split = table.col["study_id"], table.col.get("split")
+    columns = [(name, table.col[name]) for name in CHEXPERT_COLUMNS if name in table.col]
+    rows: dict[str, tuple[str | None, dict[str, float], int]] = {}
+    for line, row in table:
+        study = row[i_study].strip()
+        if not study:
+            table.problem(line, "blank study_id; row skipped")
+            continue
+        labels: dict[str, float] = {}
+        try:
+            for name, index in columns:
+                labels[name] = parse_label(row[index])
+        except ValueError as exc:
+            table.problem(line, f"column {name!r}: {exc}; row skipped")
+            continue
+        if study in rows:
+            table.problem(line, f"second row for study {study}; the first one is kept")
+            continue
+        rows[study] = (normalise_split(row[i_split]) if i_split is not None else None, labels, line)
+    return rows
+
+
+def load_dicom_tree(
+    root: str | Path,
+    *,
+    labels_csv: str | Path | None = None,
+    check_files: bool = False,
+    progress: bool = False,
+) -> ArchiveDataset:
+    """Walk a DICOM tree once into Study records (study_id = StudyInstanceUID, subject_id = PatientID).
+
+    labels_csv defaults to root/labels.csv when present. check_files is accepted for symmetry with
+    the other formats; every file here was found on disk, so there is nothing more to check.
+    progress: show a bar (files read, rate) during the walk.
+    """
+    del check_files  # files come from the walk itself
+    require_pydicom()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; pass the root of the DICOM tree")
+    problems: list[str] = []
+    by_uid: dict[str, _StudyFiles] = {}
+    skipped: Counter[str] = Counter()
+    seen_files = 0
+    files = with_progress(_dicom_candidates(root), enabled=progress, desc="DICOM headers", unit="file")
+    for order, path in enumerate(files):
+        seen_files += 1
+        try:
+            ds = read_dicom_header(path)
+        except DatasetError as exc:
+            problems.append(f"{exc}; file skipped")
+            continue
+        sop_class = _text(ds, "SOPClassUID")
+        if sop_class == MEDIA_DIRECTORY or path.name.upper() == "DICOMDIR":
+            continue
+        modality = _text(ds, "Modality").upper()
+        if modality == "SR" and sop_class not in TEXT_SR_CLASSES:
+            skipped[f"SR {sop_class or 'without SOPClassUID'}"] += 1
+            continue
+        if modality not in IMAGE_MODALITIES and modality != "SR":
+            skipped[modality or "no Modality"] += 1
+            continue
+        uid = _text(ds, "StudyInstanceUID")
+        if not uid:
+            problems.append(f"{path}: no StudyInstanceUID; file skipped")
+            continue
+        entry = by_uid.get(uid)
+        if entry is None:
+            entry = by_uid[uid] = _StudyFiles()
+        if modality == "SR":
+            text = report_from_sr(ds)
+            if text is None:
+                problems.append(f"{path}: SR without TEXT content; ignored")
+            else:
+                stamp = _text(ds, "ContentDate") + _text(ds, "ContentTime")
+                entry.reports.append((stamp, order, path, text))
+            continue
+        refusal = dicom_refusal(ds)
+        if refusal:
+            problems.append(f"{path}: {refusal}; file skipped")
+            continue
+        entry.subject = entry.subject or (_text(ds, "PatientID") or None)
+        kind, view = view_of(ds)
+        entry.views.append(view or "?")
+        if kind == "frontal":
+            entry.frontals.append((FRONTAL_RANK[view], order, path, view))
+        elif kind == "lateral":
+            entry.laterals.append((order, path, view))
+    if seen_files == 0:
+        raise DatasetError(f"{root}: no DICOM files in this tree (.dcm, or files with 'DICM' at byte 128)")
+    for what, count in sorted(skipped.items()):
+        problems.append(f"{root}: {count} file(s) with modality {what} ignored (not chest X-ray images or reports)")
+
+    labels_path = Path(labels_csv).expanduser() if labels_csv is not None else root / "labels.csv"
+    if labels_csv is not None and not labels_path.is_file():
+        raise DatasetError(f"{labels_path}: labels_csv not found; pass an existing CSV or leave it out")
+    label_rows = _read_labels(labels_path, problems) if labels_path.is_file() else {}
+
+    studies: list[Study] = []
+    for uid, entry in by_uid.items():
+        if not entry.frontals:
+            what = f"views {'/'.join(entry.views)}" if entry.views else "a report only"
+            problems.append(f"study {uid}: no frontal (PA/AP) image ({what}); skipped")
+            continue
+        _, _, frontal, frontal_view = min(entry.frontals)
+        lateral = lateral_view = None
+        if entry.laterals:
+            _, lateral, lateral_view = min(entry.laterals)
+        report = report_file = None
+        if entry.reports:
+            # the latest report (ContentDate + ContentTime), the first file found on a tie
+            _, _, report_file, report = max(entry.reports, key=lambda r: (r[0], -r[1]))
+        split, labels, _ = label_rows.get(uid, (None, {}, 0))
+        studies.append(
+            Study(
+                study_id=uid,
+                frontal=frontal,
+                lateral=lateral,
+                report=report,
+                labels=labels,
+                split=split,
+                subject_id=entry.subject,
+                source="dicom",
+                meta={
+                    "frontal_view": frontal_view,
+                    "lateral_view": lateral_view,
+                    "images": len(entry.views),
+                    "report_file": report_file,
+                },
+            )
+        )
+    known = set(by_uid)
+    for uid, (_, _, line) in label_rows.items():
+        if uid not in known:
+            problems.append(f"{labels_path.name} line {line}: study {uid} is not in the DICOM tree; row unused")
+    return finish_dataset(
+        root, "dicom", studies, problems,
+        empty_fix="Check that the tree holds CR/DX images with ViewPosition PA or AP.",
+    )

