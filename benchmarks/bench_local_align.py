@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Bench
+from benchmarks.harness import Bench, run_main
 from clinvla_engine.losses import local_alignment_loss_from_scores, local_alignment_scores_ref
 
 GPU_SHAPES = [  # (B, T words, M regions, D)
@@ -169,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

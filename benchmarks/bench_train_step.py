@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from benchmarks.harness import Bench
+from benchmarks.harness import Bench, run_main
 from clinvla_engine.losses.objective import training_losses
 from clinvla_engine.model import create_model
 
@@ -71,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -150,8 +150,12 @@ class Case:
 
 
 class Bench:
+    active: "Bench | None" = None  # the bench of this process, for run_main's interrupt handling
+
     def __init__(self, name: str, outdir: str | os.PathLike | None = None, *, repeat: int = 20,
                  min_time_s: float = 0.0, params: dict | None = None):
+        Bench.active = self
+        self.finished = False
         self.name = name
         self.outdir = Path(outdir) if outdir else RESULTS_DIR
         self.repeat = repeat
@@ -187,6 +191,7 @@ class Bench:
 
     def finish(self) -> Path:
         """Writes JSON and Markdown, prints the table, returns the JSON path."""
+        self.finished = True
         self.outdir.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
         path = self.outdir / f"{self.name}.json"
@@ -197,6 +202,22 @@ class Bench:
         (self.outdir / f"{self.name}.md").write_text(md)
         print(md)
         return path
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a bench script's main(); on Ctrl-C / SIGINT (gpu_suite.sh's per-step time limit sends
+    one) the cases measured so far are still written."""
+    import sys
+
+    try:
+        main()
+    except KeyboardInterrupt:
+        bench = Bench.active
+        if bench is not None and not bench.finished:
+            print(f"\ninterrupted: writing the {len(bench.cases)} case(s) measured so far")
+            bench.params["interrupted"] = True
+            bench.finish()
+        sys.exit(130)
 
 
 def render_markdown(data: dict) -> str:

@@ -1,0 +1,194 @@
+"""`Index`: exact inner-product top-k over an archive's embeddings, on the CPU or one GPU.
+
+    index = Index(128, dtype="float16")              # or device="cuda"
+    ids = index.add(embeddings)                      # (n, 128): NumPy, PyTorch or CuPy
+    scores, ids = index.search(queries, k=10)        # (nq, 10) each, best first
+    index.save("archive.clvx"); index = Index.load("archive.clvx", device="cuda")
+
+Results are sorted by score, descending, ties broken by the smaller id; slots beyond the number
+of (allowed) vectors hold id -1 and score -inf. Arrays pass to the C++ core through DLPack without
+copying; the GIL is released while it works; CUDA searches run on PyTorch's (or CuPy's) current
+stream. The maths, the CPU kernels and the CUDA rounds are described in csrc/core/scan_impl.hpp
+and csrc/cuda/flat_index_cuda.cu.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .. import backends
+from . import _arrays
+
+DTYPES = ("float32", "float16", "bfloat16")
+MAX_K_CUDA = 4096
+
+
+def _native_module():
+    backends.require(backends.extension(), "clinvla_engine.index.Index")
+    from .. import _C
+
+    return _C
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).replace("torch.", "").replace("numpy.", "")
+    name = {"float": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return name
+
+
+def _parse_device(device: Any) -> tuple[str, int]:
+    text = str(device)
+    if text == "cpu":
+        return "cpu", 0
+    if text == "cuda":
+        return "cuda", 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return "cuda", int(text[5:])
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+class Index:
+    """A flat inner-product index over float32 / float16 / bfloat16 vectors with int64 ids.
+
+    Args:
+        dim: vector length (e.g. 128 for ClinVLA embeddings).
+        dtype: storage and query dtype: "float32", "float16" (default) or "bfloat16".
+        device: "cpu" or "cuda[:N]". A CUDA index keeps a host copy as the master and mirrors it
+            on the GPU; k is limited to 4096 there.
+        device_memory: CUDA only: bytes of GPU memory the vectors may occupy (default 80% of what
+            is free); the rest is streamed in shard by shard at search time, results merged.
+        shard_rows: CUDA only: rows per device shard (default about 1 GiB of vectors).
+        workspace_mb: CUDA only: candidate-buffer memory, allocated once and reused.
+    """
+
+    def __init__(self, dim: int, dtype: Any = "float16", device: Any = "cpu", *, device_memory: int | None = None,
+                 shard_rows: int = 0, workspace_mb: int = 1024, _native: Any = None):
+        _C = _native_module()
+        self._kind, self._device_index = _parse_device(device)
+        if _native is None:
+            dtype = _dtype_name(dtype)
+            if self._kind == "cpu":
+                _native = _C.FlatIndex(int(dim), dtype)
+            else:
+                self._require_cuda(_C)
+                _native = _C.CudaFlatIndex(int(dim), dtype, device=self._device_index, shard_rows=int(shard_rows),
+                                           max_device_bytes=-1 if device_memory is None else int(device_memory),
+                                           workspace_bytes=int(workspace_mb) << 20)
+        self._native = _native
+
+    @staticmethod
+    def _require_cuda(_C) -> None:
+        info = _C.build_info()
+        if not info.get("cuda"):
+            raise backends.BackendUnavailable(
+                "Index(device='cuda') needs clinvla_engine._C built with CUDA: install with nvcc on the PATH "
+                "and without CLINVLA_NO_CUDA=1 (`pip install -e .`)")
+        if _C.cuda_device_count() == 0:
+            raise backends.BackendUnavailable("Index(device='cuda'): no CUDA device is visible")
+
+    # ---- properties ----
+    @property
+    def dim(self) -> int:
+        return int(self._native.dim)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._native.dtype)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self._kind == "cpu" else f"cuda:{self._device_index}"
+
+    @property
+    def next_id(self) -> int:
+        """The id `add` gives the next vector when no ids are passed (ids are never reused)."""
+        return int(self._native.next_id)
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    def __contains__(self, id_: int) -> bool:
+        return int(id_) in self._native
+
+    def __repr__(self) -> str:
+        return f"Index(dim={self.dim}, dtype={self.dtype!r}, device={self.device!r}, size={len(self)})"
+
+    # ---- changes ----
+    def add(self, vectors: Any, ids: Any = None) -> np.ndarray:
+        """Adds (n, dim) vectors (float32 / float16 / bfloat16, converted to the index's dtype).
+
+        ids: n distinct new ids >= 0, or None for next_id, next_id + 1, ... Returns the ids given
+        (int64 NumPy array). Non-finite values, or values that overflow the dtype, are refused.
+        """
+        _arrays.wait_for_producer(vectors)  # the core copies device vectors on its own stream
+        obj, bf16 = _arrays.export(vectors)
+        id_arr = None if ids is None else _arrays.host_int64(ids, "ids")
+        return self._native.add(obj, id_arr, bf16_bits=bf16)
+
+    def remove(self, ids: Any) -> int:
+        """Removes the vectors with these ids (unknown ids are ignored); returns how many."""
+        return int(self._native.remove(_arrays.host_int64(ids, "ids")))
+
+    # ---- search ----
+    def search(self, queries: Any, k: int, allow: Any = None) -> tuple[Any, Any]:
+        """The k best vectors for each query: (scores float32 (nq, k), ids int64 (nq, k)).
+
+        queries: (nq, dim) in the index's dtype, on the index's device; results come back in the
+            queries' framework (NumPy in, NumPy out; torch CUDA in, torch CUDA out).
+        allow: restricts results to a subset of ids, applied inside the scan: a bool mask indexed
+            by id, a uint8 bitmap (numpy.packbits(mask, bitorder="little")), or a list of ids;
+            2-D masks / bitmaps give one row per query.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if self._kind == "cuda" and k > MAX_K_CUDA:
+            raise ValueError(f"k must be <= {MAX_K_CUDA} on CUDA, got {k}")
+        on_cuda = self._kind == "cuda"
+        allow_obj = _arrays.allow_array(allow, queries, on_cuda)
+        nq = _arrays.n_rows(queries) if getattr(queries, "ndim", 2) >= 1 else 0
+        scores, ids = _arrays.empty_like_results(queries, nq, k)
+        q_obj, bf16 = _arrays.export(queries)
+        s_obj, _ = _arrays.export(scores)
+        i_obj, _ = _arrays.export(ids)
+        a_obj = None if allow_obj is None else _arrays.export(allow_obj)[0]
+        if on_cuda:
+            stream = _arrays.current_stream(queries) if _arrays.kind(queries) in ("torch", "cupy") else 0
+            self._native.search(q_obj, k, s_obj, i_obj, a_obj, stream=stream, bf16_bits=bf16)
+        else:
+            self._native.search(q_obj, k, s_obj, i_obj, a_obj, bf16_bits=bf16)
+        return scores, ids
+
+    # ---- files ----
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the versioned index file (atomically: a temporary file renamed into place)."""
+        self._native.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: Any = "cpu", *, verify: bool = True,
+             device_memory: int | None = None, shard_rows: int = 0, workspace_mb: int = 1024) -> "Index":
+        """Maps an index file (mmap). verify=True checks its checksum, reading it once.
+
+        A truncated, corrupted or foreign file raises OSError saying what is wrong.
+        """
+        _C = _native_module()
+        kind, dev = _parse_device(device)
+        path = os.fspath(path)
+        if kind == "cpu":
+            native = _C.FlatIndex.load(path, verify=verify)
+        else:
+            cls._require_cuda(_C)
+            native = _C.CudaFlatIndex.load(path, verify=verify, device=dev, shard_rows=int(shard_rows),
+                                           max_device_bytes=-1 if device_memory is None else int(device_memory),
+                                           workspace_bytes=int(workspace_mb) << 20)
+        return cls(native.dim, native.dtype, device, _native=native)
+
+    def ids(self) -> np.ndarray:
+        """The stored ids, in storage order (a copy)."""
+        return self._native.ids()
