@@ -102,3 +102,42 @@ def build_info() -> dict:
 
 def _describe(avail: Availability) -> str:
     return avail.why if avail else f"unavailable: {avail.why}"
+
+
+# ---- engine backends (clinvla-build-engine and clinvla_engine.runtime) -----------------------
+def onnx_graphsurgeon() -> Availability:
+    """onnx-graphsurgeon, which the ONNX export's cleanup and precision passes need."""
+    return module("onnx_graphsurgeon", "export")
+
+
+def import_backend(name: str, extra: str, feature: str):
+    """Imports optional package `name` or raises BackendUnavailable naming `feature` and the fix."""
+    avail = module(name, extra)
+    require(avail, feature)
+    return importlib.import_module(name)
+
+
+@functools.lru_cache(maxsize=None)
+def onnxruntime_providers() -> tuple[str, ...]:
+    """ONNX Runtime's execution providers here (empty when onnxruntime is not installed)."""
+    if not module("onnxruntime", "export"):
+        return ()
+    return tuple(importlib.import_module("onnxruntime").get_available_providers())
+
+
+def onnxruntime_cuda() -> Availability:
+    if not module("onnxruntime", "export"):
+        return module("onnxruntime", "export")
+    if "CUDAExecutionProvider" not in onnxruntime_providers():
+        return Availability(False, "this onnxruntime has no CUDA execution provider: pip install onnxruntime-gpu")
+    return cuda()
+
+
+def tensorrt() -> Availability:
+    """TensorRT usable for building and running engines: the Python package and a CUDA GPU."""
+    trt = module("tensorrt", "trt")
+    if not trt:
+        return Availability(False, f"{trt.why} (TensorRT also needs a CUDA GPU)")
+    if not cuda():
+        return Availability(False, f"TensorRT {trt.why} is installed but there is no GPU: {cuda().why}")
+    return trt

@@ -11,8 +11,13 @@ from pathlib import Path
 def _cmd_synth(args) -> int:
     from .data.synth import generate_archive
 
+    try:
+        splits = tuple(float(x) for x in args.splits.split(","))
+    except ValueError:
+        raise ValueError(f"--splits {args.splits!r}: expected three fractions like 0.8,0.1,0.1") from None
     summary = generate_archive(args.out, studies=args.studies, seed=args.seed, fmt=args.format, size=args.size,
-                               lateral_fraction=args.lateral_fraction, progress=not args.quiet)
+                               lateral_fraction=args.lateral_fraction, split_fractions=splits,
+                               progress=not args.quiet)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -80,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on-disk layout (default mimic: MIMIC-CXR-JPG with report files)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--lateral-fraction", type=float, default=0.85, help="fraction of studies with a lateral view")
+    p.add_argument("--splits", default="0.8,0.1,0.1", help="train,validate,test fractions by patient (default 0.8,0.1,0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 
@@ -122,11 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what is built and available here (extension, CUDA, Triton, ONNX Runtime, TensorRT)")
     p.set_defaults(func=_cmd_info)
+
+    from .export.commands import add_engine_commands
+
+    add_engine_commands(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .backends import BackendUnavailable
     from .config import ConfigError
     from .data.study import DatasetError
     from .model.checkpoint import CheckpointError
@@ -134,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, CheckpointError, TrainError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, TrainError, BackendUnavailable, ValueError,
+            FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         print(f"clinvla {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
 def build_engine_main(argv: list[str] | None = None) -> int:
-    print("clinvla-build-engine: not built yet (the engine builder lands with its own issue)", file=sys.stderr)
-    return 2
+    """The clinvla-build-engine console script."""
+    from .export.commands import build_engine_main as _build_engine_main
+
+    return _build_engine_main(argv)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,11 @@ SHAPES_CPU = [
     (1, 2, 20, 6, 768),
     (3, 2, 1, 1, 16),
 ]
-SHAPES_GPU = [
-    (16, 16, 98, 128, 128),
-    (8, 8, 392, 128, 128),
-    (6, 5, 361, 97, 768),
-    (1, 64, 392, 128, 256),
-    (200, 1, 392, 128, 128),
-    (4, 4, 2048, 256, 64),
-    (3, 3, 49, 33, 384),
+SHAPES_GPU = [  # each distinct (T, D) compiles its own kernels: few shapes, each for a reason
+    (16, 16, 392, 128, 128),  # ClinVLA's training shape (two unmasked views)
+    (6, 5, 361, 97, 768),  # GLoRIA's shape, odd T and M, the largest D
+    (200, 1, 98, 128, 128),  # re-ranking: many candidates, one text
+    (4, 4, 2048, 256, 64),  # the largest M and T
 ]
 
 

@@ -1,0 +1,261 @@
+"""Compiled encoders vs PyTorch: image encoder (two views per study) and text encoder.
+
+Per case (graph x batch), in one run, on the same preprocessed inputs:
+* ``pytorch eager fp32`` (the baseline), ``pytorch eager fp16`` (GPU), ``torch.compile``;
+* one row per engine backend that builds here (``aoti``, ``onnxruntime``, ``compile``,
+  ``tensorrt``), each built by clinvla-build-engine from the same random-weight checkpoint.
+Rows report the median with p20/p80 (harness), p99 (in ``achieved``), and studies/s or texts/s.
+Batch 1 is the latency case; the largest batch the throughput case.
+
+Defaults: on a GPU the ``base`` preset (ViT-B/16 224 + BERT-base, 128 tokens), fp16 engines,
+batches 1 and 256; on a CPU the ``small`` preset, fp32, batches 1 and 8. Engine builds are part of
+the run (their times are printed, not timed); ``--budget-s`` skips what still needs compiling
+(engine builds, then the torch.compile rows) once that much time has passed, so the run fits a
+fixed slot: skipped rows say so.
+
+    python -m benchmarks.bench_engine [--out DIR] [--preset small|base] [--backends aoti,onnxruntime]
+                                      [--batches 1,8] [--precision fp32] [--repeat N] [--budget-s S]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import Bench, Case
+from clinvla_engine import backends
+from clinvla_engine.export.graphs import SAMPLE_REPORTS, truncate_tokens
+from clinvla_engine.model import create_model, save_checkpoint
+
+
+class Recorder:
+    """Wraps fn and records each call's wall time (synchronised on CUDA), for p99."""
+
+    def __init__(self, fn, cuda: bool):
+        self.fn, self.cuda, self.times = fn, cuda, []
+
+    def __call__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def p99(self, skip: int) -> float | None:
+        t = sorted(self.times[skip:])
+        return t[min(len(t) - 1, int(round(0.99 * (len(t) - 1))))] if t else None
+
+
+def inputs(model, batch: int, tokens: int, device):
+    g = torch.Generator().manual_seed(0)
+    s = model.config.vision.image_size
+    frontal = torch.randn(batch, 3, s, s, generator=g)
+    lateral = torch.randn(batch, 3, s, s, generator=g)
+    present = torch.ones(batch)
+    texts = [" ".join([SAMPLE_REPORTS[(i + j) % 4] for j in range(12)]) for i in range(batch)]  # long reports
+    ids, mask = model.tokenizer(texts)
+    ids, mask = truncate_tokens(ids, mask, tokens, model.tokenizer.sep_id, model.tokenizer.pad_id)
+    return {"image": {"frontal": frontal, "lateral": lateral, "lateral_present": present},
+            "text": {"input_ids": ids, "attention_mask": mask}}
+
+
+def image_flops(model, batch: int) -> float:
+    """Forward FLOPs of the two-view image encoder (global embedding), adapters included."""
+    v = model.config.vision
+    w, n = v.width, model.visual.num_patches + 1
+    per_token = 4 * w * w + 2 * v.mlp_ratio * w * w + (w * w if model.config.adapter.enabled else 0) + 2 * n * w
+    macs = v.depth * n * per_token + model.visual.num_patches * 3 * v.patch_size ** 2 * w
+    return 2.0 * macs * 2 * batch  # two views per study
+
+
+def text_flops(model, batch: int, tokens: int) -> float:
+    """Forward FLOPs of the text encoder (BERT blocks + adapters) over `tokens` positions."""
+    b = model.config.text.bert
+    h, layers, inter = b["hidden_size"], b["num_hidden_layers"], b["intermediate_size"]
+    per_token = 4 * h * h + 2 * h * inter + (h * h if model.config.adapter.enabled else 0) + 2 * tokens * h
+    return 2.0 * layers * tokens * per_token * batch
+
+
+def peak_flops(device, dtype) -> float:
+    """Measured dense matrix-product rate here (FLOP/s), the floor's denominator."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 20 if device.type == "cuda" else 5
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def torch_fns(model, feeds: dict, device, dtype, compiled: bool):
+    """PyTorch callables for both graphs (eager path: global embedding only, as a user would call it)."""
+    m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    f = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in feeds["image"].items()}
+    t = {k: v.to(device) for k, v in feeds["text"].items()}
+
+    def image():
+        return m.encode_images(f["frontal"], f["lateral"], f["lateral_present"] > 0.5)
+
+    def text():
+        return m.encode_text((t["input_ids"], t["attention_mask"]))
+
+    if compiled:
+        ci = torch.compile(lambda a, b, c: m.encode_images(a, b, c > 0.5, static_views=True))
+        ct = torch.compile(lambda a, b: m.encode_text((a, b)))
+        image = lambda: ci(f["frontal"], f["lateral"], f["lateral_present"])  # noqa: E731
+        text = lambda: ct(t["input_ids"], t["attention_mask"])  # noqa: E731
+    return {"image": torch.inference_mode()(image), "text": torch.inference_mode()(text)}
+
+
+def main() -> None:
+    try:
+        run()
+    except KeyboardInterrupt:  # `timeout --signal=INT` in gpu_suite.sh: keep what was measured
+        print("interrupted: writing the rows measured so far")
+        if _BENCH:
+            _BENCH.finish()
+
+
+_BENCH = None
+
+
+def run() -> None:
+    global _BENCH
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="results folder (default benchmarks/results)")
+    gpu = bool(backends.cuda())
+    ap.add_argument("--preset", default="base" if gpu else "small")
+    ap.add_argument("--backends", default=None, help="comma-separated (default: every one that builds here)")
+    ap.add_argument("--batches", default="1,256" if gpu else "1,8")
+    ap.add_argument("--precision", default="fp16" if gpu else "fp32")
+    ap.add_argument("--repeat", type=int, default=30 if gpu else 10)
+    ap.add_argument("--budget-s", type=float, default=None, help="stop building further backends after this long")
+    ap.add_argument("--keep", help="keep the built engines in this folder")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for PyTorch and ONNX Runtime alike (default: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if gpu else "cpu")
+    from clinvla_engine.export.build import AUTO_ORDER, BACKENDS, build_engine
+    from clinvla_engine.runtime import Engine
+
+    batches = sorted({int(b) for b in args.batches.split(",")})
+    names = args.backends.split(",") if args.backends else [n for n in AUTO_ORDER[device.type]] + \
+        (["compile"] if device.type == "cpu" else [])
+    torch.manual_seed(0)
+    model = create_model(args.preset, pretrained=args.preset != "base").eval()
+    tokens = min(128, model.tokenizer.max_length)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    ck = save_checkpoint(model, work / "ckpt")
+    bench = Bench("engine", args.out, repeat=args.repeat,
+                  params={"preset": args.preset, "precision": args.precision, "batches": batches, "tokens": tokens,
+                          "device": str(device), "torch_threads": torch.get_num_threads()})
+    _BENCH = bench
+    peak = peak_flops(device, torch.float16 if gpu else torch.float32)
+    bench.params["peak_TFLOPs"] = round(peak / 1e12, 3)
+
+    def over_budget() -> bool:
+        return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
+
+    # cases first, so that an interrupted run still writes every row measured so far
+    cases = []
+    for batch in batches:
+        feeds = inputs(model, batch, tokens, device)
+        for graph in ("image", "text"):
+            label = (f"{args.preset} image encoder, 2 views, batch {batch}" if graph == "image"
+                     else f"{args.preset} text encoder, {tokens} tokens, batch {batch}")
+            flops = image_flops(model, batch) if graph == "image" else text_flops(model, batch, tokens)
+            case = Case(label, str(device), flops / peak * 1e3,
+                        f"FLOPs / measured {'fp16' if gpu else 'fp32'} matmul peak {peak / 1e12:.2f} TFLOP/s",
+                        flops, _bench=bench)
+            cases.append((case, batch, graph, feeds))
+            bench.cases.append(case)
+
+    def measure(variant, fns_or_engine, baseline=False, warmup=2):
+        for case, batch, graph, feeds in cases:
+            unit = "studies/s" if graph == "image" else "texts/s"
+            if isinstance(fns_or_engine, dict):
+                fn = fns_or_engine[(batch, graph)]
+            else:
+                f = {k: v.clone() for k, v in feeds[graph].items()}
+                out = ["image_emb"] if graph == "image" else ["text_emb"]
+                fn = (lambda e, f, o, g: (lambda: e.run_graph(g, f, o)))(fns_or_engine, f, out, graph)
+            rec = Recorder(fn, gpu)
+            row = case.run(variant, rec, baseline=baseline, warmup=warmup)
+            _finish(row, rec, batch, unit, warmup)
+            case.finalize()
+
+    def torch_variant(dtype, compiled):
+        fns = {}
+        for case, batch, graph, feeds in cases:
+            fns.update({(batch, g): fn for g, fn in torch_fns(model, feeds, device, dtype, compiled).items()})
+        return fns
+
+    measure("pytorch eager fp32", torch_variant(torch.float32, False), baseline=True)
+    if gpu:
+        measure("pytorch eager fp16", torch_variant(torch.float16, False))
+    engines = {}
+    for name in names:
+        why = BACKENDS[name].unsupported(device.type, args.precision)
+        if not why and over_budget():
+            why = f"not built: the {args.budget_s:.0f} s budget was spent"
+        if not why:
+            t0 = time.perf_counter()
+            try:
+                if not ((work / name / "manifest.json").is_file() and args.keep):  # else reuse a kept build
+                    build_engine(ck, work / name, backend=name, device=device.type, precision=args.precision,
+                                 batch_sizes=tuple(batches), max_text_len=tokens, parity_studies=8, parity_random=4,
+                                 progress=True, force=True, strict=False)
+                    print(f"built {name} in {time.perf_counter() - t0:.0f} s")
+                engines[name] = Engine.load(work / name, threads=torch.get_num_threads())
+            except Exception as exc:  # a backend that cannot build here is a row with its reason
+                why = f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if why:
+            for case, *_ in cases:
+                case.rows.append(_skipped_row(f"engine {name}", why))
+            continue
+        measure(f"engine {name} {args.precision}", engines[name], warmup=3)
+    label = f"torch.compile {'fp16' if gpu else 'fp32'}"
+    if over_budget():
+        for case, *_ in cases:
+            case.rows.append(_skipped_row(label, f"not compiled: the {args.budget_s:.0f} s budget was spent"))
+    else:
+        measure(label, torch_variant(torch.float16 if gpu else torch.float32, True), warmup=3)
+    bench.finish()
+    for e in engines.values():
+        e.close()
+
+
+def _finish(row, rec: Recorder, batch: int, unit: str, skip: int) -> None:
+    if row is None:
+        return
+    row.achieved[unit] = batch / (row.median_ms * 1e-3)
+    p99 = rec.p99(skip)
+    if p99 is not None:
+        row.achieved["p99 ms"] = p99
+
+
+def _skipped_row(variant: str, why: str):
+    from benchmarks.harness import Row
+
+    nan = float("nan")
+    return Row(variant, nan, nan, nan, 0, None, note=why[:200])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""``build_engine``: checkpoint -> verified engine bundle (what ``clinvla-build-engine`` runs).
+
+Stages: read the checkpoint (safetensors, or a .pt opened with weights_only=True) -> for each
+backend to try: export/compile into a staging folder, write a provisional manifest, load it with
+the runtime, check parity against PyTorch, time it -> keep the chosen one, write the final
+manifest (parity figures, measurements, a SHA-256 per file) and move it into place atomically.
+
+``backend="auto"`` builds every candidate that can build here (tensorrt, aoti, onnxruntime,
+compile on a GPU; aoti and onnxruntime on a CPU), measures image and text throughput at a
+representative bucket, and keeps the fastest that passes parity; every candidate's measurements
+(or why it could not be built) go into the manifest under ``build.candidates``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import backends
+from ..model import load_checkpoint
+from ..runtime.bundle import MANIFEST, installed_versions, write_manifest
+from . import aoti_backend, compile_backend, ort_backend, trt_backend
+from .context import PRECISIONS, BuildContext, BuildError, Progress
+from .graphs import text_limit
+
+BACKENDS = {m.NAME: m for m in (trt_backend, aoti_backend, ort_backend, compile_backend)}
+AUTO_ORDER = {"cuda": ("tensorrt", "aoti", "onnxruntime", "compile"), "cpu": ("aoti", "onnxruntime")}
+DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
+
+
+@dataclass
+class BuildOptions:
+    backend: str = "auto"  # auto | tensorrt | aoti | onnxruntime | compile
+    device: str | None = None  # cuda | cpu; None = cuda when available
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | fp8
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    max_text_len: int = 128
+    opset: int = 18
+    parity_random: int = 16  # random studies/texts through the graphs
+    parity_studies: int = 48  # synthetic archive studies through the public API (0 = none)
+    strict: bool = True  # refuse a build whose parity fails
+    force: bool = False  # replace an existing bundle at the output path
+    keep_candidates: Path | None = None  # auto: keep every candidate's full bundle here
+    progress: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # aoti_constants, aoti_probe, trt_typing, trt_timing_cache
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict
+    report: str
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated positive integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--batch-sizes must be comma-separated positive integers, got {text!r}")
+    return tuple(sizes)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if backends.cuda() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda":
+        backends.require(backends.cuda(), "--device cuda")
+    elif d.type != "cpu":
+        raise ValueError(f"--device must be cuda or cpu, got {device!r}")
+    return d
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise BuildError(f"output {out} exists and is not a folder")
+        if any(out.iterdir()):
+            if not (out / MANIFEST).is_file():
+                raise BuildError(f"output {out} is a non-empty folder that is not an engine bundle; "
+                                 "give a new or empty folder")
+            if not force:
+                raise BuildError(f"output {out} already holds an engine bundle; pass --force to replace it")
+
+
+def _common_files(ctx: BuildContext) -> dict:
+    model = ctx.model
+    (ctx.out / "config.json").write_text(model.config.to_json())
+    tok_dir = ctx.out / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    state = model.tokenizer.state()
+    (tok_dir / "vocab.txt").write_text(state["vocab"], encoding="utf-8")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": state["lowercase"],
+                                                               "max_length": state["max_length"]}))
+    return {"vocab": "tokenizer/vocab.txt", "config": "tokenizer/tokenizer_config.json",
+            "lowercase": state["lowercase"], "max_length": state["max_length"]}
+
+
+def _measure(engine, model, batch: int, repeats: int = 5) -> dict:
+    """Median ms per call of each graph at one bucket, and the resulting items/s."""
+    from .graphs import example_inputs
+
+    names = {g: [t["name"] for t in engine.manifest["graphs"][g]["inputs"]] for g in ("image", "text")}
+    result = {"batch": batch}
+    for graph in ("image", "text"):
+        feeds = dict(zip(names[graph], example_inputs(model, graph, batch=batch, max_tokens=engine.max_text_len)))
+        times = []
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            engine.run_graph(graph, feeds)
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1e3)
+        med = statistics.median(times)
+        result[f"{graph}_ms"] = round(med, 3)
+        result[f"{graph}_per_s"] = round(batch / med * 1e3, 1)
+    result["score_ms"] = round(result["image_ms"] + result["text_ms"], 3)
+    return result
+
+
+def build_backend(model, name: str, out: Path, device: torch.device, opts: BuildOptions, progress: Progress,
+                  onnx_cache: dict, checkpoint_info: dict) -> BuildResult:
+    """Builds one backend's bundle in `out` (created), checks parity; returns the result."""
+    from ..runtime import Engine
+    from .parity import check_parity, format_report
+
+    module = BACKENDS[name]
+    why = module.unsupported(device.type, opts.precision)
+    if why:
+        raise BuildError(f"--backend {name} cannot build {opts.precision} on {device.type} here: {why}")
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = BuildContext(model=model, device=device, precision=opts.precision, batch_sizes=list(opts.batch_sizes),
+                       max_text_len=opts.max_text_len, out=out, progress=progress, opset=opts.opset,
+                       options=dict(opts.extra), onnx_cache=onnx_cache)
+    t0 = time.perf_counter()
+    tokenizer = _common_files(ctx)
+    part = module.build(ctx)
+    manifest = {
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "backend": name,
+        "device": device.type,
+        "precision": opts.precision,
+        "batch_sizes": sorted(opts.batch_sizes),
+        "max_text_len": ctx.tokens,
+        "max_text_len_asked": opts.max_text_len,
+        "opset": opts.opset,
+        "patches": model.visual.num_patches,
+        "config": model.config.to_dict(),
+        "tokenizer": tokenizer,
+        "checkpoint": checkpoint_info,
+        "graphs": part["graphs"],
+        "backend_details": part.get("backend_details", {}),
+        "versions": installed_versions(),
+        "build": {"seconds": None, "stages": None},
+    }
+    if "aoti" in part:
+        manifest["aoti"] = part["aoti"]
+    write_manifest(out, manifest)
+    with progress.stage(f"load the {name} engine and check parity against PyTorch") as st:
+        engine = Engine.load(out, device=device, verify=True)
+        parity = check_parity(model, engine, opts.precision, random=opts.parity_random, studies=opts.parity_studies,
+                              seed=opts.seed, workdir=out.parent)
+        s = parity["summary"]
+        st["note"] = (f"cos min {s['cos_min']:.6f}, max abs {s['max_abs']:.2e}"
+                      + (f", top-10 overlap {s['top10_overlap']:.3f}" if "top10_overlap" in s else "")
+                      + ("" if parity["passed"] else " FAILED"))
+    with progress.stage(f"time the {name} engine") as st:
+        batch = _measure_batch(opts.batch_sizes, device)
+        measured = _measure(engine, model, batch)
+        st["note"] = (f"batch {batch}: image {measured['image_ms']:.2f} ms ({measured['image_per_s']:.0f}/s), "
+                      f"text {measured['text_ms']:.2f} ms ({measured['text_per_s']:.0f}/s)")
+    notes = engine.runner.describe()["notes"]
+    engine.close()
+    manifest["parity"] = parity
+    manifest["build"] = {"seconds": round(time.perf_counter() - t0, 1), "measured": measured, "runner_notes": notes}
+    write_manifest(out, manifest)
+    return BuildResult(out, manifest, format_report(parity, f"{name} {device.type} {opts.precision} vs PyTorch eager fp32"))
+
+
+def _measure_batch(batch_sizes, device) -> int:
+    target = 64 if device.type == "cuda" else 8
+    fitting = [b for b in batch_sizes if b <= target]
+    return max(fitting) if fitting else min(batch_sizes)
+
+
+def build_engine(checkpoint: str | os.PathLike, out: str | os.PathLike, options: BuildOptions | None = None,
+                 **kwargs) -> BuildResult:
+    """Builds an engine bundle from a ClinVLA checkpoint; see the module docstring."""
+    opts = options or BuildOptions()
+    for k, v in kwargs.items():
+        if not hasattr(opts, k):
+            raise TypeError(f"build_engine() got an unknown option {k!r}")
+        setattr(opts, k, v)
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    if opts.backend != "auto" and opts.backend not in BACKENDS:
+        raise ValueError(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    opts.batch_sizes = parse_batch_sizes(",".join(str(b) for b in opts.batch_sizes))
+    if opts.max_text_len < 3:
+        raise ValueError(f"--max-text-len must be at least 3 ([CLS] word [SEP]), got {opts.max_text_len}")
+    out = Path(out)
+    _prepare_out(out, opts.force)
+    device = resolve_device(opts.device)
+    progress = Progress(opts.progress)
+    t0 = time.perf_counter()
+    with progress.stage(f"read checkpoint {checkpoint}") as st:
+        model = load_checkpoint(checkpoint).float().eval()
+        from ..runtime.bundle import sha256_file
+        from ..model.checkpoint import _resolve
+
+        ck = _resolve(Path(checkpoint))
+        checkpoint_info = {"path": str(ck), "sha256": sha256_file(ck), "name": model.config.name}
+        st["note"] = (f"{model.config.name}: {model.config.vision.image_size}px, {model.config.vision.num_views} views, "
+                      f"text <= {text_limit(model, opts.max_text_len)} tokens")
+    staging = out.parent / f".{out.name}.building-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    onnx_cache: dict = {}
+    try:
+        if opts.backend == "auto":
+            result = _auto(model, staging, device, opts, progress, onnx_cache, checkpoint_info)
+        else:
+            result = build_backend(model, opts.backend, staging, device, opts, progress, onnx_cache, checkpoint_info)
+        manifest = result.manifest
+        manifest["build"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+        manifest["build"]["stages"] = progress.log
+        manifest["build"]["options"] = {"backend": opts.backend, "device": device.type, "precision": opts.precision,
+                                        "batch_sizes": list(opts.batch_sizes), "max_text_len": opts.max_text_len}
+        write_manifest(staging, manifest)
+        if opts.strict and not manifest["parity"]["passed"]:
+            raise BuildError(f"the {manifest['backend']} engine failed the parity check:\n{result.report}\n"
+                             "(pass --no-strict to keep it anyway)")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    progress.say(f"engine bundle written to {out} ({manifest['backend']}, {device.type}, {opts.precision}) "
+                 f"in {time.perf_counter() - t0:.0f} s")
+    return BuildResult(out, manifest, result.report)
+
+
+def _auto(model, staging: Path, device, opts: BuildOptions, progress: Progress, onnx_cache, checkpoint_info):
+    candidates = {}
+    best = None
+    root = staging.parent / f"{staging.name}-candidates"
+    for name in AUTO_ORDER[device.type]:
+        why = BACKENDS[name].unsupported(device.type, opts.precision)
+        if why:
+            candidates[name] = {"built": False, "why": why}
+            progress.say(f"auto: skipping {name}: {why}")
+            continue
+        progress.say(f"auto: building candidate {name}")
+        try:
+            res = build_backend(model, name, root / name, device, opts, progress, onnx_cache, checkpoint_info)
+        except Exception as exc:  # a candidate that fails is recorded, not fatal
+            candidates[name] = {"built": False, "why": f"{type(exc).__name__}: {str(exc)[:600]}"}
+            progress.say(f"auto: {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        m = res.manifest
+        candidates[name] = {"built": True, "parity_passed": m["parity"]["passed"], "parity": m["parity"]["summary"],
+                            "measured": m["build"]["measured"], "build_seconds": m["build"]["seconds"]}
+        if m["parity"]["passed"] and (best is None or m["build"]["measured"]["score_ms"] < best.manifest["build"]["measured"]["score_ms"]):
+            best = res
+    try:
+        if best is None:
+            raise BuildError("auto: no backend built an engine that passes parity here: "
+                             + "; ".join(f"{k}: {v.get('why') or 'parity failed'}" for k, v in candidates.items()))
+        chosen = best.manifest["backend"]
+        progress.say("auto: measured " + ", ".join(
+            f"{k} {v['measured']['score_ms']:.2f} ms" for k, v in candidates.items() if v.get("built"))
+            + f" -> {chosen}")
+        best.manifest["build"]["candidates"] = candidates
+        best.manifest["build"]["chosen"] = chosen
+        if opts.keep_candidates:
+            keep = Path(opts.keep_candidates)
+            keep.mkdir(parents=True, exist_ok=True)
+            for name in [n for n, v in candidates.items() if v.get("built")]:
+                target = keep / name
+                if target.exists():
+                    shutil.rmtree(target)
+                if name == chosen:
+                    shutil.copytree(root / name, target)
+                else:
+                    shutil.move(str(root / name), str(target))
+        os.replace(root / chosen, staging)
+        return BuildResult(staging, best.manifest, best.report)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,307 @@
+"""One runner per backend: runs a bundle's ``image`` or ``text`` graph on a batch of graph inputs.
+
+Every runner takes CPU or device tensors keyed by input name and returns float32 CPU tensors keyed
+by output name. ``static_shapes`` runners (TensorRT, and anything replayed as a CUDA graph) only
+take the bundle's batch buckets (and, for text, ``max_text_len`` tokens): the engine pads to them.
+Runners that are not safe to call from two threads at once say so with ``thread_safe = False``;
+their ``run`` then holds a per-graph lock.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import backends
+from .bundle import BundleError
+
+DTYPES = {"float32": torch.float32, "int64": torch.int64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
+
+
+class Runner:
+    backend = "?"
+    static_shapes = False
+    thread_safe = False
+
+    def __init__(self, directory: Path, manifest: dict, device: torch.device):
+        self.directory = directory
+        self.manifest = manifest
+        self.device = device
+        self.graphs = manifest["graphs"]
+        self.notes: list[str] = []
+        # On a GPU one lock serves both graphs: captures and replays of CUDA graphs never overlap,
+        # and the device runs one graph at a time anyway. On a CPU each graph has its own.
+        shared = threading.Lock()
+        self._locks = {g: shared if device.type == "cuda" else threading.Lock() for g in self.graphs}
+
+    def output_names(self, graph: str) -> list[str]:
+        return [t["name"] for t in self.graphs[graph]["outputs"]]
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor], outputs: list[str] | None = None) -> dict[str, torch.Tensor]:
+        outputs = outputs or self.output_names(graph)
+        if self.thread_safe:
+            return self._run(graph, feeds, outputs)
+        with self._locks[graph]:
+            return self._run(graph, feeds, outputs)
+
+    def _run(self, graph, feeds, outputs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "device": str(self.device), "static_shapes": self.static_shapes,
+                "thread_safe": self.thread_safe, "notes": list(self.notes)}
+
+    def close(self) -> None:
+        pass
+
+
+# ---- CUDA graphs over fixed buckets ------------------------------------------------------------
+class CudaGraphs:
+    """Replays `fn(*inputs)` as one CUDA graph per input shape (a launch-bound batch-2 ViT runs ~7x
+    faster replayed). The first call per shape captures after two warm-up runs and checks the
+    replay against a plain call; any failure turns graphs off for that shape, with a note why."""
+
+    def __init__(self, fn: Callable, notes: list[str], enabled: bool = True):
+        self.fn = fn
+        self.notes = notes
+        self.enabled = enabled
+        self.cache: dict[tuple, Any] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.enabled:
+            return tuple(self.fn(*inputs))
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self.cache[key] = self._capture(inputs)
+        if entry == "eager":
+            return tuple(self.fn(*inputs))
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, inputs):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return tuple(o.clone() for o in static_out)
+
+    def _capture(self, inputs):
+        try:
+            static_in = [t.clone() for t in inputs]
+            side = torch.cuda.Stream(device=inputs[0].device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    expected = tuple(t.clone() for t in self.fn(*static_in))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = tuple(self.fn(*static_in))
+            graph.replay()
+            torch.cuda.synchronize()
+            for a, b in zip(static_out, expected):
+                if not torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3):
+                    raise RuntimeError("the replayed graph disagrees with a plain call")
+            return graph, static_in, static_out
+        except Exception as exc:  # capture is an optimisation: fall back to plain calls
+            shapes = [tuple(t.shape) for t in inputs]
+            self.notes.append(f"CUDA graph capture off for inputs {shapes}: {type(exc).__name__}: {str(exc)[:160]}")
+            torch.cuda.synchronize()
+            return "eager"
+
+
+# ---- ONNX Runtime ------------------------------------------------------------------------------
+class OrtRunner(Runner):
+    backend = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called concurrently
+
+    def __init__(self, directory, manifest, device, threads: int | None = None):
+        super().__init__(directory, manifest, device)
+        ort = backends.import_backend("onnxruntime", "export", "the onnxruntime engine backend")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            backends.require(backends.onnxruntime_cuda(), "an onnxruntime engine on the GPU")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        self.sessions = {}
+        for name, g in self.graphs.items():
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+            self.sessions[name] = ort.InferenceSession(str(directory / g["file"]), opts, providers=providers)
+
+    def _run(self, graph, feeds, outputs):
+        arrays = {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+        result = self.sessions[graph].run(outputs, arrays)
+        return {k: torch.from_numpy(v).float() for k, v in zip(outputs, result)}
+
+
+# ---- AOTInductor ---------------------------------------------------------------------------
+def load_aoti_package(path: Path, device: torch.device, constants: Path | None = None):
+    """A loaded .pt2 package; `constants` = a safetensors file for packages built without their
+    constants in the shared object (``aot_inductor.package_constants_in_so=False``)."""
+    import torch._inductor
+
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_index"] = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        compiled = torch._inductor.aoti_load_package(str(path), **kwargs)
+    except TypeError:  # older torch without device_index
+        compiled = torch._inductor.aoti_load_package(str(path))
+    if constants is not None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(constants), device=str(device))
+        wanted = set(compiled.get_constant_fqns())
+        missing = sorted(wanted - set(tensors))
+        if missing:
+            raise BundleError(f"{constants.name} lacks {len(missing)} constants the package needs ({', '.join(missing[:4])})")
+        compiled.load_constants({k: tensors[k] for k in wanted}, check_full_update=True)
+    return compiled
+
+
+class AotiRunner(Runner):
+    backend = "aoti"
+
+    def __init__(self, directory, manifest, device, cuda_graphs: bool = True):
+        super().__init__(directory, manifest, device)
+        self.static_shapes = device.type == "cuda" and cuda_graphs
+        self.modules = {}
+        self.calls = {}
+        for name, g in self.graphs.items():
+            consts = directory / g["constants"] if g.get("constants") else None
+            module = load_aoti_package(directory / g["file"], device, consts)
+            self.modules[name] = module
+            call = (lambda m: (lambda *xs: m(*xs)))(module)
+            self.calls[name] = CudaGraphs(call, self.notes, enabled=self.static_shapes)
+
+    def _run(self, graph, feeds, outputs):
+        names = [t["name"] for t in self.graphs[graph]["inputs"]]
+        xs = [feeds[n].to(self.device, non_blocking=True) for n in names]
+        with torch.inference_mode():
+            result = self.calls[graph](*xs)
+        produced = dict(zip(self.output_names(graph), result))
+        return {k: produced[k].float().cpu() for k in outputs}
+
+
+# ---- torch.compile (+ CUDA graphs) -----------------------------------------------------------
+class CompileRunner(Runner):
+    """The encoders rebuilt from the bundle's weights and compiled with torch.compile at load time
+    (lazily, per bucket shape); on the GPU each bucket is then replayed as a CUDA graph. The GPU
+    fallback where an AOTInductor package cannot be loaded."""
+
+    backend = "compile"
+    static_shapes = True  # one compiled shape per bucket, never a recompile per request
+
+    def __init__(self, directory, manifest, device, cuda_graphs: bool = True):
+        super().__init__(directory, manifest, device)
+        from ..export.graphs import graph_modules
+        from .engine import model_from_bundle
+
+        dtype = PRECISION_DTYPES[manifest["precision"]]
+        model = model_from_bundle(directory, manifest).to(device=device, dtype=dtype).eval()
+        self.model = model
+        mods = graph_modules(model, dtype)
+        self.calls = {}
+        for name in self.graphs:
+            compiled = torch.compile(mods[name], dynamic=False, fullgraph=True)
+            self.calls[name] = CudaGraphs(compiled, self.notes, enabled=device.type == "cuda" and cuda_graphs)
+
+    def _run(self, graph, feeds, outputs):
+        names = [t["name"] for t in self.graphs[graph]["inputs"]]
+        xs = [feeds[n].to(self.device, non_blocking=True) for n in names]
+        with torch.inference_mode():
+            result = self.calls[graph](*xs)
+        produced = dict(zip(self.output_names(graph), result))
+        return {k: produced[k].float().cpu() for k in outputs}
+
+
+# ---- TensorRT ------------------------------------------------------------------------------
+class TrtRunner(Runner):
+    """Serialized TensorRT plans, one execution context per optimisation profile (= batch bucket),
+    bound by tensor name (TensorRT 10 / 11 API) and replayed as CUDA graphs."""
+
+    backend = "tensorrt"
+    static_shapes = True
+
+    def __init__(self, directory, manifest, device, cuda_graphs: bool = True):
+        super().__init__(directory, manifest, device)
+        backends.require(backends.tensorrt(), "a TensorRT engine")
+        import tensorrt as trt
+
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines, self.contexts, self.calls = {}, {}, {}
+        torch.cuda.set_device(device)
+        stream = torch.cuda.current_stream(device)
+        for name, g in self.graphs.items():
+            plan = (directory / g["file"]).read_bytes()
+            engine = self.runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise BundleError(f"TensorRT could not deserialize {g['file']} (built with TensorRT "
+                                  f"{manifest['versions'].get('tensorrt')}, this is {trt.__version__})")
+            self.engines[name] = engine
+            buckets = g["profiles"]
+            contexts = {}
+            for k, bucket in enumerate(buckets):
+                ctx = engine.create_execution_context()
+                ctx.set_optimization_profile_async(k, stream.cuda_stream)
+                contexts[bucket] = ctx
+            self.contexts[name] = contexts
+            self.calls[name] = CudaGraphs(self._enqueue_fn(name), self.notes, enabled=cuda_graphs)
+        stream.synchronize()
+
+    def _enqueue_fn(self, graph: str):
+        trt = self.trt
+        engine = self.engines[graph]
+        in_names = [t["name"] for t in self.graphs[graph]["inputs"]]
+        out_names = [t["name"] for t in self.graphs[graph]["outputs"]]
+        to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
+                    trt.int32: torch.int32, trt.bool: torch.bool}
+        if hasattr(trt, "bfloat16"):
+            to_torch[trt.bfloat16] = torch.bfloat16
+
+        def enqueue(*xs: torch.Tensor):
+            ctx = self.contexts[graph].get(int(xs[0].shape[0]))
+            if ctx is None:
+                raise ValueError(f"batch {xs[0].shape[0]} is not one of the engine's buckets {sorted(self.contexts[graph])}")
+            for name, x in zip(in_names, xs):
+                ctx.set_input_shape(name, tuple(x.shape))
+                ctx.set_tensor_address(name, x.data_ptr())
+            outs = []
+            for name in out_names:
+                out = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=to_torch[engine.get_tensor_dtype(name)],
+                                  device=xs[0].device)
+                ctx.set_tensor_address(name, out.data_ptr())
+                outs.append(out)
+            if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+                raise RuntimeError(f"TensorRT execute_async_v3 failed for the {graph} graph")
+            return outs
+
+        return enqueue
+
+    def _run(self, graph, feeds, outputs):
+        names = [t["name"] for t in self.graphs[graph]["inputs"]]
+        xs = [feeds[n].to(self.device, non_blocking=True).contiguous() for n in names]
+        result = self.calls[graph](*xs)
+        produced = dict(zip(self.output_names(graph), result))
+        return {k: produced[k].float().cpu() for k in outputs}
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "aoti": AotiRunner, "compile": CompileRunner, "tensorrt": TrtRunner}
+
+
+def make_runner(directory: Path, manifest: dict, device: torch.device, cuda_graphs: bool = True,
+                threads: int | None = None) -> Runner:
+    backend = manifest.get("backend")
+    cls = RUNNERS.get(backend)
+    if cls is None:
+        raise BundleError(f"engine bundle {directory}: unknown backend {backend!r} in manifest.json")
+    if device.type == "cuda":
+        backends.require(backends.cuda(), f"running the {backend} engine on {device}")
+    if cls is OrtRunner:
+        return cls(directory, manifest, device, threads=threads)
+    return cls(directory, manifest, device, cuda_graphs=cuda_graphs)
