@@ -75,6 +75,39 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
+    def _words(E, WOK, i, t0, T, D, s_eb, s_et, s_wb, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A block of text i's words: offsets, in-range flags, features (BLOCK_T, BLOCK_D), real-word flags."""
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        t_in = offs_t < T
+        e = tl.load(E + i * s_eb + offs_t[:, None].to(tl.int64) * s_et + offs_d[None, :],
+                    mask=t_in[:, None] & (offs_d < D)[None, :], other=0.0)
+        w_ok = (tl.load(WOK + i * s_wb + offs_t, mask=t_in, other=0) != 0) & t_in
+        return offs_t, t_in, e, w_ok
+
+    @triton.jit
+    def _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A tile of image k's regions: offsets, in-range flags, features (BLOCK_M, BLOCK_D)."""
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_in = offs_m < M
+        r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
+                    mask=m_in[:, None] & (offs_d < D)[None, :], other=0.0)
+        return offs_m, m_in, r
+
+    @triton.jit
+    def _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """a = r e^T and p = softmax over the real words (from the stored row normaliser L)."""
+        lse = tl.load(L + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
+        a = _mm(r, tl.trans(e), IEEE, UPCAST)  # (BLOCK_M, BLOCK_T)
+        p = tl.exp(tl.where(w_ok[None, :], a - lse[:, None], float("-inf")))
+        return a, p
+
+    @triton.jit
+    def _region_ok(ROK, k, s_ob, offs_m, m_in):
+        return (tl.load(ROK + k * s_ob + offs_m, mask=m_in, other=0) != 0) & m_in
+
+    @triton.jit
     def _row_lse(
         R, E, WOK, L,
         B_TXT, M, T, D,
@@ -85,21 +118,12 @@ if triton is not None:
         pair = tl.program_id(0).to(tl.int64)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_t = tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < M
-        d_ok = offs_d < D
-        r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        e = tl.load(E + i * s_eb + offs_t[:, None].to(tl.int64) * s_et + offs_d[None, :],
-                    mask=(offs_t[:, None] < T) & d_ok[None, :], other=0.0)
-        w_ok = tl.load(WOK + i * s_wb + offs_t, mask=offs_t < T, other=0) != 0
-        a = _mm(r, tl.trans(e), IEEE, UPCAST)  # (BLOCK_M, BLOCK_T)
-        a = tl.where(w_ok[None, :], a, float("-inf"))
+        offs_m, m_in, r = _regions(R, k, tl.program_id(1) * BLOCK_M, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+        _, _, e, w_ok = _words(E, WOK, i, 0, T, D, s_eb, s_et, s_wb, BLOCK_T, BLOCK_D)  # every word
+        a = tl.where(w_ok[None, :], _mm(r, tl.trans(e), IEEE, UPCAST), float("-inf"))
         mx = tl.max(a, axis=1)
         lse = mx + tl.log(tl.sum(tl.exp(a - mx[:, None]), axis=1))
-        tl.store(L + k * s_lk + i * s_li + offs_m, lse, mask=m_ok)
+        tl.store(L + k * s_lk + i * s_li + offs_m, lse, mask=m_in)
 
     @triton.jit
     def _fwd(
@@ -112,27 +136,18 @@ if triton is not None:
         pair = tl.program_id(0).to(tl.int64)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, BLOCK_D)
-        t_in = offs_t < T
-        d_ok = offs_d < D
-        e = tl.load(E + i * s_eb + offs_t[:, None].to(tl.int64) * s_et + offs_d[None, :],
-                    mask=t_in[:, None] & d_ok[None, :], other=0.0)
-        w_ok = (tl.load(WOK + i * s_wb + offs_t, mask=t_in, other=0) != 0) & t_in
+        offs_t, t_in, e, w_ok = _words(E, WOK, i, tl.program_id(1) * BLOCK_T, T, D, s_eb, s_et, s_wb,
+                                       BLOCK_T, BLOCK_D)
         tau1 = tl.load(TAU1)
         m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
         l_run = tl.zeros([BLOCK_T], tl.float32)
         u_acc = tl.zeros([BLOCK_T], tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < M
-            r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
-                        mask=m_in[:, None] & d_ok[None, :], other=0.0)
-            r_ok = (tl.load(ROK + k * s_ob + offs_m, mask=m_in, other=0) != 0) & m_in
-            lse = tl.load(L + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
-            a = _mm(r, tl.trans(e), IEEE, UPCAST)  # (BLOCK_M, BLOCK_T)
-            p = tl.exp(tl.where(w_ok[None, :], a - lse[:, None], float("-inf")))
+            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            r_ok = _region_ok(ROK, k, s_ob, offs_m, m_in)
+            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
+            # online softmax over regions (flash-style): running max, rescaled sums
             q = tl.where(r_ok[:, None], tau1 * p, float("-inf"))
             m_new = tl.maximum(m_run, tl.max(q, axis=0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -161,13 +176,9 @@ if triton is not None:
         tblk = tl.program_id(1)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_t = tblk * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t, t_in, e, w_ok = _words(E, WOK, i, tblk * BLOCK_T, T, D, s_eb, s_et, s_wb, BLOCK_T, BLOCK_D)
         offs_d = tl.arange(0, BLOCK_D)
-        t_in = offs_t < T
         d_ok = offs_d < D
-        e = tl.load(E + i * s_eb + offs_t[:, None].to(tl.int64) * s_et + offs_d[None, :],
-                    mask=t_in[:, None] & d_ok[None, :], other=0.0)
-        w_ok = (tl.load(WOK + i * s_wb + offs_t, mask=t_in, other=0) != 0) & t_in
         tau1 = tl.load(TAU1)
         stat = k * s_ok + i * s_oi + offs_t
         n_j = tl.load(N + stat, mask=t_in, other=0.0)
@@ -178,14 +189,9 @@ if triton is not None:
         # pass A: the contexts c_j of this block of words (N is final, so no online softmax)
         ctx = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < M
-            r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
-                        mask=m_in[:, None] & d_ok[None, :], other=0.0)
-            r_ok = (tl.load(ROK + k * s_ob + offs_m, mask=m_in, other=0) != 0) & m_in
-            lse = tl.load(L + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
-            a = _mm(r, tl.trans(e), IEEE, UPCAST)
-            p = tl.exp(tl.where(w_ok[None, :], a - lse[:, None], float("-inf")))
+            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            r_ok = _region_ok(ROK, k, s_ob, offs_m, m_in)
+            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
             alpha = tl.where(r_ok[:, None], tl.exp(tau1 * p - n_j[None, :]), 0.0)
             ctx += _mm(tl.trans(alpha).to(r.dtype), r, IEEE, UPCAST)
         # d(loss)/dc_j and the direct part of d(loss)/de_j
@@ -195,14 +201,9 @@ if triton is not None:
         # pass B: through the region softmax and the word softmax (its row term waits for F)
         tau_part = tl.zeros([BLOCK_T], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < M
-            r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
-                        mask=m_in[:, None] & d_ok[None, :], other=0.0)
-            r_ok = (tl.load(ROK + k * s_ob + offs_m, mask=m_in, other=0) != 0) & m_in
-            lse = tl.load(L + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
-            a = _mm(r, tl.trans(e), IEEE, UPCAST)
-            p = tl.exp(tl.where(w_ok[None, :], a - lse[:, None], float("-inf")))
+            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            r_ok = _region_ok(ROK, k, s_ob, offs_m, m_in)
+            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
             alpha = tl.where(r_ok[:, None], tl.exp(tau1 * p - n_j[None, :]), 0.0)
             # dalpha[m, j] = r_m . dc_j. In bfloat16, dc is split into a high and a low bfloat16 part:
             # the region softmax backward subtracts D_j = sum_m alpha dalpha (computed exactly from
@@ -236,23 +237,15 @@ if triton is not None:
         pair = tl.program_id(0).to(tl.int64)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t, t_in, e, w_ok = _words(E, WOK, i, tl.program_id(1) * BLOCK_T, T, D, s_eb, s_et, s_wb,
+                                       BLOCK_T, BLOCK_D)
         offs_d = tl.arange(0, BLOCK_D)
-        t_in = offs_t < T
         d_ok = offs_d < D
-        e = tl.load(E + i * s_eb + offs_t[:, None].to(tl.int64) * s_et + offs_d[None, :],
-                    mask=t_in[:, None] & d_ok[None, :], other=0.0)
-        w_ok = (tl.load(WOK + i * s_wb + offs_t, mask=t_in, other=0) != 0) & t_in
         de_acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_in = offs_m < M
-            r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
-                        mask=m_in[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(L + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
-            f = tl.load(F + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
-            a = _mm(r, tl.trans(e), IEEE, UPCAST)
-            g = tl.exp(tl.where(w_ok[None, :], a - lse[:, None], float("-inf"))) * f[:, None]  # p * F
+            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            _, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
+            g = p * tl.load(F + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)[:, None]  # p * F
             dr = -_mm(g.to(r.dtype), e, IEEE, UPCAST)
             tl.atomic_add(DR + k * s_drb + offs_m[:, None].to(tl.int64) * s_drm + offs_d[None, :], dr,
                           mask=m_in[:, None] & d_ok[None, :])
