@@ -162,7 +162,19 @@ def load_aoti_package(path: Path, device: torch.device, constants: Path | None =
     return compiled
 
 
-class AotiRunner(Runner):
+class _TorchCallRunner(Runner):
+    """A runner whose graphs are Python callables on torch tensors (self.calls[graph])."""
+
+    def _run(self, graph, feeds, outputs):
+        names = [t["name"] for t in self.graphs[graph]["inputs"]]
+        xs = [feeds[n].to(self.device, non_blocking=True) for n in names]
+        with torch.inference_mode():
+            result = self.calls[graph](*xs)
+        produced = dict(zip(self.output_names(graph), result))
+        return {k: produced[k].float().cpu() for k in outputs}
+
+
+class AotiRunner(_TorchCallRunner):
     backend = "aoti"
 
     def __init__(self, directory, manifest, device, cuda_graphs: bool = True):
@@ -177,17 +189,9 @@ class AotiRunner(Runner):
             call = (lambda m: (lambda *xs: m(*xs)))(module)
             self.calls[name] = CudaGraphs(call, self.notes, enabled=self.static_shapes)
 
-    def _run(self, graph, feeds, outputs):
-        names = [t["name"] for t in self.graphs[graph]["inputs"]]
-        xs = [feeds[n].to(self.device, non_blocking=True) for n in names]
-        with torch.inference_mode():
-            result = self.calls[graph](*xs)
-        produced = dict(zip(self.output_names(graph), result))
-        return {k: produced[k].float().cpu() for k in outputs}
-
 
 # ---- torch.compile (+ CUDA graphs) -----------------------------------------------------------
-class CompileRunner(Runner):
+class CompileRunner(_TorchCallRunner):
     """The encoders rebuilt from the bundle's weights and compiled with torch.compile at load time
     (lazily, per bucket shape); on the GPU each bucket is then replayed as a CUDA graph. The GPU
     fallback where an AOTInductor package cannot be loaded."""
@@ -208,14 +212,6 @@ class CompileRunner(Runner):
         for name in self.graphs:
             compiled = torch.compile(mods[name], dynamic=False, fullgraph=True)
             self.calls[name] = CudaGraphs(compiled, self.notes, enabled=device.type == "cuda" and cuda_graphs)
-
-    def _run(self, graph, feeds, outputs):
-        names = [t["name"] for t in self.graphs[graph]["inputs"]]
-        xs = [feeds[n].to(self.device, non_blocking=True) for n in names]
-        with torch.inference_mode():
-            result = self.calls[graph](*xs)
-        produced = dict(zip(self.output_names(graph), result))
-        return {k: produced[k].float().cpu() for k in outputs}
 
 
 # ---- TensorRT ------------------------------------------------------------------------------
