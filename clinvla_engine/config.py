@@ -96,7 +96,27 @@ class TrainConfig:
     batch_size: int = 32  # per process, before gradient accumulation
     grad_accum: int = 1
     lr: float = 2e-4
+    # learning-rate factor of the text tower (adapters, norms, heads): below 1 the pretrained text
+    # side moves more slowly than the image side. On its own it does not keep a from-scratch image
+    # encoder from collapsing (the image embeddings collapse first); see locked_text_steps
+    text_lr_scale: float = 1.0
+    # locked-text warm-up (LiT-style, Zhai et al. 2022): for the first N optimizer steps the whole
+    # text tower (encoder, adapters, projection heads) is frozen and only the image side learns to
+    # match its fixed outputs; then the text adapters, norms and heads unlock, on a schedule of
+    # their own over the remaining steps (warm-up of warmup_steps, cosine to min_lr at max_steps).
+    # An image encoder trained from scratch carries no report information for its first few
+    # hundred steps: trained jointly, both towers collapse onto constant embeddings within ~50
+    # steps and the global loss stalls at ln(batch)
+    locked_text_steps: int = 0
+    # while the text tower is locked, compute its outputs for every training report once (the
+    # report as written, no sentence shuffling) and reuse them, so that a locked step costs only
+    # the image side; holds studies x max_length x embed_dim floats. false: recompute them every
+    # step without autograd (sentence shuffling stays on)
+    locked_text_cache: bool = True
     min_lr: float = 1e-6
+    # data-dependent init before step 1: zero-mean outputs of the projection heads on one batch
+    # (see ClinVLA.center_projection_heads); not applied when resuming
+    center_heads: bool = True
     weight_decay: float = 0.05  # not applied to norms, biases, embeddings, temperatures
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
@@ -164,6 +184,8 @@ class ClinVLAConfig:
             raise ConfigError(f"{where}: vision.mask_ratio must be in [0, 1), got {v.mask_ratio}")
         if self.loss.mim_weight > 0 and not self.decoder.enabled:
             raise ConfigError(f"{where}: loss.mim_weight > 0 needs decoder.enabled = true")
+        if self.train.locked_text_steps < 0:
+            raise ConfigError(f"{where}: train.locked_text_steps must be >= 0, got {self.train.locked_text_steps}")
         if self.train.amp not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"{where}: train.amp must be auto, bf16, fp16 or fp32, got {self.train.amp!r}")
         if self.text.model == "random" and not self.text.bert:

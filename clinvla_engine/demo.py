@@ -8,6 +8,17 @@
    queries) and print the metrics table.
 
 Re-running reuses the archive and any finished training run with the same settings.
+
+Why the ``small`` preset trains the way it does (measured on the 3000-study archive, 2 CPU cores):
+the image encoder starts from scratch (no chest X-ray ViT weights offline), so for its first
+150-250 steps it carries no report information. Trained jointly with the text tower from step 1,
+the global loss is lowered fastest by collapsing: the image embeddings become one vector within 10
+steps (mean pairwise cosine 0.07 -> 0.96), the text embeddings follow (0.05 -> 0.99 by step 50),
+the loss sits at ln(batch) and the gradient reaching the ViT falls 60-fold. Hence: the text tower
+is locked for most of the run (``train.locked_text_steps``; a locked step costs 0.24 s instead of
+1.05 s, since the MiniLM pass dominates and its outputs are computed once per report), and the
+ViT sees 4 x 4 patches of 32 px with no token dropping (75% masking of 16 tokens leaves 4, and no
+learning happened in 3000 steps).
 """
 from __future__ import annotations
 
@@ -20,8 +31,9 @@ from pathlib import Path
 
 MARKER = ".clinvla-demo"
 
-FULL = dict(studies=3000, size=128, steps=260, batch=32, per_class=200, split=(0.6, 0.1, 0.3))
-QUICK = dict(studies=240, size=64, steps=12, batch=16, per_class=20, split=(0.5, 0.1, 0.4))
+# locked: the fraction of the steps trained with the text tower locked (train.locked_text_steps)
+FULL = dict(studies=3000, size=128, steps=700, locked=6 / 7, batch=32, per_class=200, split=(0.6, 0.1, 0.3))
+QUICK = dict(studies=240, size=64, steps=12, locked=0.5, batch=16, per_class=20, split=(0.5, 0.1, 0.4))
 
 QUERIES = ("small right pleural effusion", "moderate cardiomegaly", "left lower lobe consolidation",
            "no acute cardiopulmonary process")
@@ -53,11 +65,13 @@ def _synthesise(archive: Path, settings: dict, seed: int) -> None:
 
 
 def _config(name: str, settings: dict, seed: int, quick: bool) -> dict:
+    steps = settings["steps"]
     cfg = {"preset": "tiny" if quick else "small",
-           "train": {"max_steps": settings["steps"], "batch_size": settings["batch"], "seed": seed,
-                     "warmup_steps": max(2, settings["steps"] // 10), "eval_every": 0,
-                     "save_every": settings["steps"], "num_workers": 0, "log_every": 2 if quick else 5}}
+           "train": {"max_steps": steps, "locked_text_steps": int(round(steps * settings["locked"])),
+                     "batch_size": settings["batch"], "seed": seed, "eval_every": 0,
+                     "save_every": steps, "num_workers": 0, "log_every": 2 if quick else 5}}
     if quick:
+        cfg["train"]["warmup_steps"] = max(2, steps // 10)
         cfg["vision"] = {"image_size": settings["size"]}
     if name == "clip":
         cfg["vision"] = {**cfg.get("vision", {}), "num_views": 1}
@@ -203,9 +217,12 @@ def _loss_plot(runs: dict) -> str:
         ax[0].plot([r["step"] for r in h], [r["global"] for r in h], label=run["label"])
         if any("local" in r for r in h):
             ax[1].plot([r["step"] for r in h], [r["local"] for r in h], label=run["label"])
+    unlock = {run["info"]["config"]["train"].get("locked_text_steps", 0) for run in runs.values()}
     ax[0].set_title("global alignment loss")
     ax[1].set_title("local alignment loss")
     for a in ax:
+        for step in sorted(unlock - {0}):
+            a.axvline(step, color="grey", linestyle=":", linewidth=1, label=f"text tower unlocked (step {step})")
         a.set_xlabel("step")
         a.legend(fontsize=8)
     fig.tight_layout()
@@ -245,7 +262,10 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{t
 .row{{display:flex;gap:8px}}figure{{margin:0;font-size:11px;text-align:center}}</style></head><body>
 <h1>ClinVLA demo on a synthetic archive</h1>
 <p>{settings['studies']} synthetic studies at {settings['size']} px (MIMIC-CXR-JPG layout), {settings['steps']}
-training steps of batch {settings['batch']} for each model, evaluated on the held-out test split.
+training steps of batch {settings['batch']} for each model, evaluated on the held-out test split; the first
+{int(round(settings['steps'] * settings['locked']))} steps train the image side against the locked text
+tower (its outputs computed once per report), then its adapters, norms and heads join. The global loss steps
+up at the unlock: from there the text encoder runs with its dropout on.
 The archive is a test bed for mechanisms, not clinical data. Total time {seconds:.0f} s.</p>
 <h2>Metrics</h2><table>{''.join(rows)}</table>
 <h2>Training losses</h2><img src="loss_curves.png" alt="loss curves" width="900">

@@ -6,6 +6,11 @@ periodic evaluation on the validation split, and checkpoints that resume exactly
 folder holds ``model.safetensors`` (weights + config + tokenizer), ``train_state.pt`` (optimizer,
 scheduler, step, RNG), ``config.json`` and ``metrics.jsonl``. Every write is atomic.
 
+Locked-text warm-up (``train.locked_text_steps``, LiT-style): the first steps train the image side
+against a frozen text tower whose outputs are computed once per training report; then the text
+adapters, norms and heads join, on a learning-rate schedule of their own over the remaining steps.
+An image encoder trained from scratch needs this: see the ``locked_text_steps`` comment in config.py.
+
 Multi-GPU: launch with ``torchrun --nproc_per_node N -m clinvla_engine.cli train ...``; each
 process takes a slice of every global batch and the losses see the whole batch.
 """
@@ -22,14 +27,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from . import distributed as dist_utils
 from .config import ClinVLAConfig, load_config
-from .data.dataset import Collate, StudyDataset
+from .data.dataset import Collate, StudyDataset, report_text
 from .data.study import DatasetError, Study
 from .losses.objective import training_losses
-from .model import ClinVLA, create_model, load_checkpoint, save_checkpoint
+from .model import ClinVLA, ClinVLAOutput, create_model, load_checkpoint, save_checkpoint
 from .model.checkpoint import WEIGHTS_NAME
 
 STATE_NAME = "train_state.pt"
@@ -78,13 +84,17 @@ class GlobalBatchSampler(Sampler):
             yield from perm[lo:lo + self.batch]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings (token, position, CLS, view) and temperatures."""
-    decay, no_decay = [], []
+TEXT_PREFIXES = ("text.", "text_global_head.", "text_local_head.")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, text_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, embeddings (token, position, CLS, view) and
+    temperatures; the text tower (adapters, norms, heads) at lr * text_lr_scale."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = (
+        no_decay = (
             p.dim() < 2
             or "norm" in name.lower()
             or "embed" in name
@@ -92,24 +102,109 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             or "mask_token" in name
             or name in ("logit_scale", "log_tau")
         )
-        (no_decay if skip else decay).append(p)
+        groups.setdefault((no_decay, name.startswith(TEXT_PREFIXES)), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+         "lr": lr * (text_lr_scale if text else 1.0), "tower": "text" if text else "image"}
+        for (no_decay, text), params in sorted(groups.items())
     ]
 
 
-def lr_lambda(cfg) -> Callable[[int], float]:
-    """Linear warm-up to lr, then cosine to min_lr at max_steps (as a factor of lr)."""
+def lr_lambda(cfg, start: int = 0) -> Callable[[int], float]:
+    """Linear warm-up to lr, then cosine to min_lr at max_steps (as a factor of lr).
+
+    start > 0 is the schedule of a tower that unlocks at step `start` (train.locked_text_steps):
+    0 before it, then the same curve (warm-up of warmup_steps, cosine to min_lr at max_steps) over
+    the steps that remain, so that a tower joining late still trains at the full rate.
+    """
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
 
     def f(step: int) -> float:
+        if step < start:
+            return 0.0
+        step -= start
         if step < cfg.warmup_steps:
             return (step + 1) / max(1, cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - start - cfg.warmup_steps))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+class LockedTextForward(torch.nn.Module):
+    """ClinVLA.forward with the text side given: the training forward of the locked-text phase
+    (train.locked_text_steps). Only the image side runs with autograd; the text embeddings, words
+    and word mask come from the frozen text tower (cached or computed without autograd)."""
+
+    def __init__(self, model: ClinVLA):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        frontal: torch.Tensor,  # (B, 3, H, W)
+        lateral: torch.Tensor | None,  # (B, 3, H, W)
+        lateral_present: torch.Tensor | None,  # (B,) bool
+        text_emb: torch.Tensor,  # (B, E) L2-normalised
+        words: torch.Tensor,  # (B, T, E)
+        word_mask: torch.Tensor,  # (B, T) bool
+    ) -> ClinVLAOutput:
+        m = self.model
+        image_emb, regions, region_mask, cls, patches, keep_idx = m._encode_images(
+            frontal, lateral, lateral_present, m.config.vision.mask_ratio, False
+        )
+        logit_scale, tau = m.temperatures()
+        mim = None
+        if m.decoder is not None and keep_idx is not None and m.config.loss.mim_weight > 0:
+            b = frontal.shape[0]
+            mim = m.decoder(cls[:b], patches[:b], keep_idx[:b], frontal)
+        return ClinVLAOutput(image_emb, text_emb.to(image_emb.dtype), regions, region_mask,
+                             words.to(regions.dtype), word_mask, logit_scale, tau, mim)
+
+
+class LockedTextFeatures:
+    """The outputs of the frozen text tower during the locked-text phase: either computed once for
+    every training report (cache=True; the report as written) and looked up by dataset index, or
+    computed for each batch without autograd (its texts as the loader gives them, shuffled)."""
+
+    def __init__(self, model: ClinVLA, studies: Sequence[Study], cache: bool, device: torch.device,
+                 amp_dtype: torch.dtype | None, batch_size: int = 64):
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.cache = None
+        if cache:
+            texts = [report_text(s.report) for s in studies]
+            width = model.config.text.max_length - 1  # word positions ([CLS] excluded)
+            embs, words, masks = [], [], []
+            for i in range(0, len(texts), batch_size):
+                e, w, wm = self._encode(*model.tokenizer(texts[i:i + batch_size]))
+                embs.append(e.cpu())
+                words.append(F.pad(w.cpu(), (0, 0, 0, width - w.shape[1])))
+                masks.append(F.pad(wm.cpu(), (0, width - wm.shape[1]), value=False))
+            self.cache = (torch.cat(embs), torch.cat(words), torch.cat(masks))
+
+    @torch.no_grad()
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor):
+        text = self.model.text
+        was_training = text.training
+        text.eval()  # a locked tower is deterministic: no dropout
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                e, w, wm = self.model.encode_text((ids.to(self.device), mask.to(self.device)), return_local=True)
+        finally:
+            text.train(was_training)
+        return e.float(), w.float(), wm
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text_emb (B, E), words (B, T, E), word_mask (B, T)) for a collated batch."""
+        if self.cache is None:
+            return self._encode(batch["input_ids"], batch["attention_mask"])
+        idx = batch["index"]
+        emb, words, mask = (t[idx] for t in self.cache)
+        real = mask.any(dim=0).nonzero()
+        t = int(real.max()) + 1 if real.numel() else 1  # drop the columns that are padding in every row
+        dev = self.device
+        return emb.to(dev), words[:, :t].to(dev), mask[:, :t].to(dev)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -208,8 +303,13 @@ def train(
     model.train()
     if main and resume:
         print(model.describe_parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.text_lr_scale), lr=tc.lr,
+                                  betas=tuple(tc.betas))
+    locked_steps = tc.locked_text_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lr_lambda(tc, locked_steps if g["tower"] == "text" else 0) for g in optimizer.param_groups]
+    )
+    text_params = [p for n, p in model.named_parameters() if n.startswith(TEXT_PREFIXES) and p.requires_grad]
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -218,10 +318,12 @@ def train(
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_tuple_state(state["python_rng"]))
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
         )
 
     sampler = GlobalBatchSampler(len(train_set), tc.batch_size, tc.seed, rank, world)
@@ -237,6 +339,20 @@ def train(
     amp_dtype = autocast_dtype(tc.amp, dev)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
+    if tc.center_heads and not resume:
+        probe = collate([train_set[i] for i in range(min(len(train_set), 64))])
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            cos = model.center_projection_heads(
+                probe["frontal"].to(dev), probe["input_ids"].to(dev), probe["attention_mask"].to(dev),
+                probe["lateral"].to(dev) if two_views else None,
+                probe["lateral_present"].to(dev) if two_views else None,
+            )
+        if world > 1:  # every rank must start from rank 0's weights (DDP broadcasts them only at wrap time)
+            for p in model.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        if main:
+            print("centred the projection heads: mean pairwise cosine "
+                  + ", ".join(f"{k} {cos[f'{k}_cos_before']:.3f} -> {cos[f'{k}_cos_after']:.3f}" for k in ("image", "text")))
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
@@ -277,6 +393,9 @@ def train(
     window_n = 0
     window_t = time.perf_counter()
     window_samples = 0
+    phase_locked: bool | None = None  # the phase the forward module below was set up for
+    forward_module: torch.nn.Module | None = None
+    text_features: LockedTextFeatures | None = None
     while step < total_steps:
         sampler.set_position(epoch, batch_in_epoch)
         train_set.set_epoch(epoch)
@@ -292,14 +411,35 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         for batch in loader:
             batch_in_epoch += 1
+            locked = step < locked_steps
+            if locked != phase_locked:  # first batch, or the text tower unlocks
+                forward_module = None  # a DDP wrapper of the other phase lets go of its hooks
+                for p in text_params:
+                    p.requires_grad_(not locked)
+                if locked:
+                    text_features = LockedTextFeatures(model, train_set.studies, tc.locked_text_cache, dev, amp_dtype)
+                    forward_module = wrap(LockedTextForward(model))
+                else:
+                    text_features = None
+                    forward_module = wrap(model)
+                if main and locked_steps:
+                    print(f"\nstep {step}: text tower {'locked' if locked else 'unlocked'}"
+                          + (" (outputs cached for every training report)" if locked and tc.locked_text_cache else ""))
+                phase_locked = locked
+            frontal = batch["frontal"].to(dev, non_blocking=True)
+            lateral = batch["lateral"].to(dev, non_blocking=True) if two_views else None
+            present = batch["lateral_present"].to(dev, non_blocking=True) if two_views else None
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                output = ddp_model(
-                    batch["frontal"].to(dev, non_blocking=True),
-                    batch["input_ids"].to(dev, non_blocking=True),
-                    batch["attention_mask"].to(dev, non_blocking=True),
-                    batch["lateral"].to(dev, non_blocking=True) if two_views else None,
-                    batch["lateral_present"].to(dev, non_blocking=True) if two_views else None,
-                )
+                if locked:
+                    output = forward_module(frontal, lateral, present, *text_features(batch))
+                else:
+                    output = forward_module(
+                        frontal,
+                        batch["input_ids"].to(dev, non_blocking=True),
+                        batch["attention_mask"].to(dev, non_blocking=True),
+                        lateral,
+                        present,
+                    )
                 losses = training_losses(output, cfg.loss)
             loss = losses["loss"] / tc.grad_accum
             if not torch.isfinite(loss):
@@ -330,6 +470,8 @@ def train(
             if step % tc.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_t
                 rec = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                       "text_lr": next((lr for lr, g in zip(scheduler.get_last_lr(), optimizer.param_groups)
+                                        if g.get("tower") == "text"), 0.0),
                        "grad_norm": float(grad_norm), "samples_per_s": window_samples / max(elapsed, 1e-9),
                        "logit_scale": float(model.temperatures()[0].detach()), "time_s": time.perf_counter() - t_start}
                 rec.update({k: dist_utils.all_reduce_mean(val / window_n) for k, val in window.items()})

@@ -59,28 +59,71 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_result(archive, tmp_path):
+@pytest.mark.parametrize("locked_text_steps", [0, 2])
+def test_resume_after_a_crash_gives_the_uninterrupted_result(archive, tmp_path, locked_text_steps):
     from clinvla_engine.data.io import load_image
 
+    cfg = json.loads(json.dumps(TINY))
+    cfg["train"]["locked_text_steps"] = locked_text_steps  # 2: the crash comes right after the unlock
     straight = tmp_path / "straight"
-    train(TINY, archive, straight, max_steps=5, progress=False)
+    train(cfg, archive, straight, max_steps=5, progress=False)
     calls = {"n": 0}
+    # before step 1 the run reads up to 64 training studies once to centre the projection heads
+    train_studies = [s for s in open_dataset(archive) if s.split in (None, "train")]
+    probe_reads = sum(1 + (s.lateral is not None) for s in train_studies[:64])
 
     def flaky_loader(path):
         calls["n"] += 1
-        if calls["n"] > 3 * 8 * 2 - 4:  # dies during the 3rd step's batch (8 studies, <= 2 views)
+        if calls["n"] > probe_reads + 3 * 8 * 2 - 4:  # dies during the 3rd step's batch (8 studies, <= 2 views)
             raise _Crash("disk went away")
         return load_image(path)
 
     crashed = tmp_path / "crashed"
     with pytest.raises(_Crash):
-        train(TINY, archive, crashed, max_steps=5, progress=False, loader_fn=flaky_loader)
+        train(cfg, archive, crashed, max_steps=5, progress=False, loader_fn=flaky_loader)
     done = torch.load(crashed / "train_state.pt", weights_only=True)["step"]
     assert 1 <= done < 5
-    train(TINY, archive, crashed, max_steps=5, resume=True, progress=False)
+    train(cfg, archive, crashed, max_steps=5, resume=True, progress=False)
     a, b = state(straight), state(crashed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_locked_text_warmup_freezes_the_text_tower_then_unlocks_it(archive, tmp_path):
+    cfg = {"preset": "tiny", "train": {"locked_text_steps": 2, "warmup_steps": 1, "save_every": 0,
+                                       "log_every": 1, "eval_every": 1}}
+    seen = {}
+
+    def snapshot(model, step):  # called after steps 1, 2, 3 and at the end (4)
+        seen[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return {}
+
+    result = train(cfg, archive, tmp_path / "run", max_steps=4, progress=False, evaluate_fn=snapshot)
+    text = [n for n in seen[1] if n.startswith(("text.", "text_global_head.", "text_local_head."))]
+    image = [n for n in seen[1] if n.startswith(("visual.", "image_global_head."))]
+    assert text and image
+
+    def moved(a, b, names):
+        return [n for n in names if not torch.equal(seen[a][n], seen[b][n])]
+
+    assert moved(1, 2, text) == [] and moved(1, 2, image)  # steps 1-2: only the image side learns
+    assert moved(2, 3, text) and moved(3, 4, text)  # then the text adapters, norms and heads join
+    records = {r["step"]: r for r in result.history if "loss" in r}
+    assert records[1]["text_lr"] == 0.0 and records[3]["text_lr"] > 0.0  # lr of the step that follows
+    assert all(r["lr"] > 0.0 for r in records.values())
+
+
+def test_cached_locked_text_equals_computing_it_each_step(archive, tmp_path):
+    """With sentence shuffling off, the cache holds exactly what the locked tower computes per batch."""
+    losses = []
+    for cache in (True, False):
+        cfg = {"preset": "tiny", "train": {"locked_text_steps": 3, "locked_text_cache": cache, "augment": False,
+                                           "save_every": 0, "log_every": 1}}
+        result = train(cfg, archive, tmp_path / f"run_{cache}", max_steps=3, progress=False)
+        losses.append([(r["global"], r["local"]) for r in result.history if "loss" in r])
+    assert len(losses[0]) == 3
+    for a, b in zip(*losses):
+        assert a == pytest.approx(b, rel=1e-4)
 
 
 def test_sampler_splits_global_batches_across_ranks():
@@ -106,10 +149,12 @@ def test_schedule_and_weight_decay_groups():
     assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0)
     assert f(20) == pytest.approx(0.01) and f(12) == pytest.approx(0.505)
     model = create_model("tiny")
-    decay, no_decay = param_groups(model, 0.05)
+    groups = param_groups(model, 0.05, 1e-3, text_lr_scale=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    nd = {names[id(p)] for p in no_decay["params"]}
-    d = {names[id(p)] for p in decay["params"]}
+    nd = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    d = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    text_lr = {g["lr"] for g in groups if any(names[id(p)].startswith("text") for p in g["params"])}
+    assert text_lr == {1e-4} and {g["lr"] for g in groups} == {1e-3, 1e-4}
     assert {"logit_scale", "visual.cls_token", "visual.pos_embed", "visual.view_embed"} <= nd
     assert "text.bert.embeddings.word_embeddings.weight" in nd
     assert all(".bias" not in n and "norm" not in n.lower() for n in d)
@@ -127,7 +172,7 @@ def _ddp_worker(rank, world, port, cfg, archive, out):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        train(cfg, archive, out, max_steps=2, progress=False, device="cpu")
+        train(cfg, archive, out, max_steps=3, progress=False, device="cpu")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -188,17 +233,26 @@ def test_two_process_gradients_equal_one_process_with_the_global_batch(tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_torchrun_style_training_matches_one_process_loss(archive, tmp_path):
-    """A real two-process train(): the first step's loss (before any update) is the global batch's."""
+@pytest.mark.parametrize("locked_text_steps", [0, 1])
+def test_torchrun_style_training_matches_one_process_loss(archive, tmp_path, locked_text_steps):
+    """A real two-process train(): the first step's loss (before any update) is the global batch's,
+    and so are the next ones (the gradients were averaged over the ranks); with a locked-text
+    warm-up, step 1 runs the locked forward and steps 2-3 the whole model."""
     one_cfg = json.loads(json.dumps(DDP_BASE))
     one_cfg["train"]["batch_size"] = 8
-    one = train(one_cfg, archive, tmp_path / "one", max_steps=2, progress=False, device="cpu")
+    one_cfg["train"]["locked_text_steps"] = locked_text_steps
+    one = train(one_cfg, archive, tmp_path / "one", max_steps=3, progress=False, device="cpu")
     two_cfg = json.loads(json.dumps(DDP_BASE))
     two_cfg["train"]["batch_size"] = 4
+    two_cfg["train"]["locked_text_steps"] = locked_text_steps
     mp.start_processes(_ddp_worker, args=(2, _free_port(), two_cfg, str(archive), str(tmp_path / "two")),
                        nprocs=2, join=True, start_method="spawn")
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     first_one = next(r for r in one.history if r.get("step") == 1 and "loss" in r)
     first_two = next(r for r in two if r.get("step") == 1 and "loss" in r)
     assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-5)
+    for step in (2, 3):
+        later_one = next(r for r in one.history if r.get("step") == step and "loss" in r)
+        later_two = next(r for r in two if r.get("step") == step and "loss" in r)
+        assert later_two["loss"] == pytest.approx(later_one["loss"], rel=1e-4), step
     assert (tmp_path / "two" / "model.safetensors").is_file()
