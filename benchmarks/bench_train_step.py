@@ -1,8 +1,10 @@
 """Training-step time and memory of ClinVLA: ``small`` and ``base``, local loss off (baseline) and on.
 
-One step = forward of both encoders (two views, 75% of patches masked), the losses, backward and
-the AdamW update, on random images and full-length token sequences. On the GPU it runs in bf16
-autocast; on the CPU in float32.
+One step = forward of both encoders (two views, with the preset's patch masking: 75% for ``base``,
+none for ``small``), the losses, backward and the AdamW update, on random images and full-length
+token sequences (``text.max_length`` tokens, so a step costs more than one on real reports, which
+are padded only to the longest in the batch). On the GPU it runs in bf16 autocast; on the CPU in
+float32.
 
     python -m benchmarks.bench_train_step [--out DIR] [--presets small,base] [--repeat N]
 """
@@ -14,6 +16,7 @@ import torch
 
 from benchmarks.harness import Bench, run_main
 from clinvla_engine.losses.objective import training_losses
+from clinvla_engine.config import load_config
 from clinvla_engine.model import create_model
 
 CPU_BATCH = {"small": 32, "base": 4}
@@ -59,7 +62,10 @@ def main() -> None:
     bench = Bench("train_step", args.out, repeat=repeat, params={"batch": sizes, "device": str(device)})
     for preset in args.presets.split(","):
         batch = sizes[preset]
-        with bench.case(f"{preset}, batch {batch}, 2 views, 75% masked", device=str(device)) as case:
+        cfg = load_config(preset)
+        title = (f"{preset}, batch {batch}, 2 views, {cfg.vision.mask_ratio:.0%} masked, "
+                 f"{cfg.text.max_length} tokens")
+        with bench.case(title, device=str(device)) as case:
             for local in (False, True):
                 fn, model = step_fn(preset, local, batch, device)
                 label = "global + local loss" if local else "global loss only"

@@ -353,6 +353,10 @@ def render_results(results_dirs: list[Path], out: Path = RESULTS_MD) -> None:
         "one run of the named script; speed-ups compare rows of the same case in that run.",
         "",
     ]
+    if not any(data["machine"].get("gpu") for data in files.values()):
+        parts += ["**No GPU results yet.** Every table below was measured on a CPU; the GPU paths (fused "
+                  "kernels, CUDA top-k, GPU engines) are measured by `tools/gpu_suite.sh`, which has not run "
+                  "on a GPU for this repository so far.", ""]
     for (_, _), data in sorted(files.items()):
         parts.append(render_markdown(data))
     out.write_text("\n".join(parts))
