@@ -17,7 +17,7 @@ def _cmd_synth(args) -> int:
         raise ValueError(f"--splits {args.splits!r}: expected three fractions like 0.8,0.1,0.1") from None
     summary = generate_archive(args.out, studies=args.studies, seed=args.seed, fmt=args.format, size=args.size,
                                lateral_fraction=args.lateral_fraction, split_fractions=splits,
-                               progress=not args.quiet)
+                               progress=not args.quiet, workers=args.workers)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--lateral-fraction", type=float, default=0.85, help="fraction of studies with a lateral view")
     p.add_argument("--splits", default="0.8,0.1,0.1", help="train,validate,test fractions by patient (default 0.8,0.1,0.1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="rendering processes (default: one per available core; the files do not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 

@@ -191,6 +191,18 @@ def test_same_seed_same_archive(tmp_path, mimic):
     assert (other / "mimic-cxr-2.0.0-chexpert.csv").read_bytes() != (root / "mimic-cxr-2.0.0-chexpert.csv").read_bytes()
 
 
+def test_rendering_processes_do_not_change_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "PARALLEL_MIN_STUDIES", 1)  # the workers import the module afresh
+    one, s1 = make(tmp_path, "mimic", name="one", studies=20, workers=1)
+    two, s2 = make(tmp_path, "mimic", name="two", studies=20, workers=2)
+    assert (s1["workers"], s2["workers"]) == (1, 2)
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name != "synth_manifest.json":  # the manifest records the time taken and the workers
+            assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+
+
 def test_refuses_a_foreign_folder_and_leaves_it_alone(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -221,6 +233,7 @@ def test_replaces_its_own_archive_but_not_added_files(tmp_path):
         ({"size": 16}, r"size=16.*at least 32"),
         ({"lateral_fraction": 1.5}, r"lateral_fraction=1.5"),
         ({"split_fractions": (0.5, 0.6, 0.1)}, r"split_fractions=.*sum"),
+        ({"workers": 0}, r"workers must be a whole number >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, kwargs, message):

@@ -75,6 +75,8 @@ import csv
 import functools
 import json
 import math
+import multiprocessing
+import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -1425,15 +1427,43 @@ def _manifest(seed, studies, fmt, size, lateral_fraction, fractions, complete: b
                        "split_fractions": list(fractions), "complete": complete, "summary": summary}, indent=2)
 
 
+# below this many studies the rendering stays in this process (starting workers costs ~1 s)
+PARALLEL_MIN_STUDIES = 256
+
+
+def _render_planned(job: tuple[int, int, _Planned]) -> tuple[Anatomy, RenderedStudy, reports.Report]:
+    """Everything random about one planned study, from its own seeds only, so that the result does
+    not depend on which process renders it or in which order."""
+    seed, size, p = job
+    anatomy = sample_anatomy(np.random.default_rng([seed, 1, p.subject]))
+    findings = sample_findings(np.random.default_rng([seed, 2, p.index]), list(p.labels), lateral=p.has_lateral)
+    rendered = _render_visible(anatomy, findings, size, [seed, 3, p.index], p.has_lateral, p.view_position)
+    report = reports.write_report(rendered.findings, np.random.default_rng([seed, 4, p.index]),
+                                  has_lateral=p.has_lateral)
+    return anatomy, rendered, report
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def generate_archive(out: str | Path, studies: int, seed: int, fmt: str = "mimic", size: int = 256,
-                     lateral_fraction: float = 0.85, split_fractions=(0.8, 0.1, 0.1), progress: bool = True) -> dict:
+                     lateral_fraction: float = 0.85, split_fractions=(0.8, 0.1, 0.1), progress: bool = True,
+                     workers: int | None = None) -> dict:
     """Write a synthetic archive of `studies` studies in format `fmt` into folder `out`.
 
-    The same arguments give the same files (CSVs, reports and pixels). `out` must be new, empty,
-    or a previous synthetic archive (whose files, and only those, are replaced). Returns a summary:
-    counts per class (drawn findings), per split, of exclusively positive studies per class (from
-    the labels), images written, and the time taken.
+    The same arguments give the same files (CSVs, reports and pixels), whatever `workers` is: the
+    studies are rendered by `workers` processes (default: one per available core; archives under
+    PARALLEL_MIN_STUDIES studies render in this process) and written here in order. `out` must be
+    new, empty, or a previous synthetic archive (whose files, and only those, are replaced).
+    Returns a summary: counts per class (drawn findings), per split, of exclusively positive
+    studies per class (from the labels), images written, and the time taken.
     """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     fractions = _check_arguments(studies, fmt, size, lateral_fraction, split_fractions)
     if fmt in ("dicom", "rsna"):
         try:
@@ -1453,21 +1483,20 @@ def generate_archive(out: str | Path, studies: int, seed: int, fmt: str = "mimic
     per_class = {c: 0 for c in CLASSES}
     per_split = {s: 0 for s in SPLITS}
     exclusive = {c: 0 for c in CLASSES}
-    anatomies: dict[int, Anatomy] = {}
     from tqdm import tqdm
 
+    workers = min(workers or default_workers(), studies) if studies >= PARALLEL_MIN_STUDIES else 1
+    pool = None
+    if workers > 1:
+        # spawn, not fork: the caller may hold torch's thread pools, which do not survive a fork
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        rendered_studies = pool.imap(_render_planned, ((seed, size, p) for p in plan), chunksize=8)
+    else:
+        rendered_studies = map(_render_planned, ((seed, size, p) for p in plan))
     bar = tqdm(total=studies, desc=f"synth {fmt} {size}px", unit="study", disable=not progress, mininterval=0.5)
     try:
         with open(archive.claim(TRUTH), "w", encoding="utf-8") as truth:
-            for p in plan:
-                if p.subject not in anatomies:  # a patient's studies are consecutive: keep one anatomy
-                    anatomies = {p.subject: sample_anatomy(np.random.default_rng([seed, 1, p.subject]))}
-                anatomy = anatomies[p.subject]
-                findings = sample_findings(np.random.default_rng([seed, 2, p.index]), list(p.labels),
-                                           lateral=p.has_lateral)
-                rendered = _render_visible(anatomy, findings, size, [seed, 3, p.index], p.has_lateral, p.view_position)
-                text_rng = np.random.default_rng([seed, 4, p.index])
-                report = reports.write_report(rendered.findings, text_rng, has_lateral=p.has_lateral)
+            for p, (anatomy, rendered, report) in zip(plan, rendered_studies):
                 writer.study(p, rendered, report, anatomy, np.random.default_rng([seed, 5, p.index]))
                 truth.write(json.dumps({"study_id": p.ids["study_id"], "subject_id": p.ids["subject_id"],
                                         "split": p.split, "has_lateral": p.has_lateral,
@@ -1483,12 +1512,15 @@ def generate_archive(out: str | Path, studies: int, seed: int, fmt: str = "mimic
                 bar.update(1)
         writer.finish()
     finally:
+        if pool is not None:
+            pool.terminate()  # every result has been read, or we are unwinding an error
+            pool.join()
         bar.close()
         archive.close()
     seconds = time.perf_counter() - t0
     summary = {"out": str(out), "format": fmt, "studies": studies, "subjects": len({p.subject for p in plan}),
                "images": archive.images, "size": size, "per_class": per_class, "per_split": per_split,
-               "exclusive_positive": exclusive, "seconds": round(seconds, 2),
+               "exclusive_positive": exclusive, "workers": workers, "seconds": round(seconds, 2),
                "studies_per_second": round(studies / max(seconds, 1e-9), 1)}
     (out / MANIFEST).write_text(_manifest(seed, studies, fmt, size, lateral_fraction, fractions, True, summary))
     return summary
