@@ -48,21 +48,22 @@ def test_an_interrupted_run_keeps_the_cases_measured_so_far(tmp_path):
     assert [c["name"] for c in data["cases"]] == ["done"]
 
 
-def test_results_md_says_when_there_is_no_gpu_figure(tmp_path, monkeypatch):
-    cpu_dir, gpu_dir, out = tmp_path / "cpu", tmp_path / "gpu", tmp_path / "RESULTS.md"
-    bench = Bench("unit", cpu_dir, repeat=2)
+def _one_row_bench(outdir) -> None:
+    bench = Bench("unit", outdir, repeat=2)
     with bench.case("c") as case:
         case.run("v", _sleep(1), baseline=True, warmup=0)
     bench.finish()
+
+
+def test_results_md_says_when_there_is_no_gpu_figure(tmp_path, monkeypatch):
+    cpu_dir, gpu_dir, out = tmp_path / "cpu", tmp_path / "gpu", tmp_path / "RESULTS.md"
+    _one_row_bench(cpu_dir)
     render_results([cpu_dir, gpu_dir], out)
     text = out.read_text()
     assert "No GPU results yet" in text and "### unit" in text
 
     monkeypatch.setattr(harness, "machine", lambda: {"cpu": "x", "cores": 1, "gpu": "NVIDIA H200", "torch": "2.11"})
-    gpu_bench = Bench("unit", gpu_dir, repeat=2)
-    with gpu_bench.case("c") as case:
-        case.run("v", _sleep(1), baseline=True, warmup=0)
-    gpu_bench.finish()
+    _one_row_bench(gpu_dir)
     render_results([cpu_dir, gpu_dir], out)
     text = out.read_text()
     assert "No GPU results yet" not in text

@@ -106,6 +106,37 @@ def test_missing_lateral_is_skipped_not_faked(tiny):
     assert torch.allclose(emb.norm(dim=1), torch.ones(3))
 
 
+def test_centring_gives_zero_mean_head_outputs_on_its_batch():
+    torch.manual_seed(1)
+    model = create_model("tiny").eval()
+    f, lat = images(6, 64, 11), images(6, 64, 12)
+    present = torch.tensor([True, False, True, True, False, True])
+    ids, mask = model.tokenize(["small right pleural effusion", "no acute process", "mild edema",
+                                "left lower lobe consolidation with air bronchograms", "cardiomegaly", "normal"])
+    outputs = {}
+    hooks = [getattr(model, name).register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out))
+             for name in ("image_global_head", "text_global_head", "image_local_head", "text_local_head")]
+    try:
+        cos = model.center_projection_heads(f, ids, mask, lat, present)
+        with torch.no_grad():
+            model.encode_images(f, lat, present, return_local=True)
+            model.encode_text((ids, mask), return_local=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    word_mask = model._word_mask(ids, mask)
+    means = {
+        "image_global_head": outputs["image_global_head"].mean(0),
+        "text_global_head": outputs["text_global_head"].mean(0),
+        "image_local_head": outputs["image_local_head"].reshape(-1, model.config.embed_dim).mean(0),
+        "text_local_head": outputs["text_local_head"][word_mask].mean(0),
+    }
+    for name, mean in means.items():
+        assert mean.abs().max() < 1e-5, name
+    assert cos["image_cos_after"] < cos["image_cos_before"] and abs(cos["text_cos_after"]) < 0.25
+    assert not model.training
+
+
 def test_view_embedding_distinguishes_views(tiny):
     f, lat = images(2, 64, 3), images(2, 64, 4)
     with torch.no_grad():

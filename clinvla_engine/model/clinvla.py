@@ -186,17 +186,10 @@ class ClinVLA(nn.Module):
         Returns the mean pairwise cosine of the global embeddings before and after."""
         was_training = self.training
         self.eval()
-        _, _, _, cls, patches, _ = self._encode_images(frontal, lateral, lateral_present, 0.0, False, local=False)
-        b = frontal.shape[0]
+        cls, patches, _, present, b = self._views(frontal, lateral, lateral_present, 0.0)
+        img_feat = self._pool_views(cls, present, b, static_views=False)
         hidden = self.text(input_ids, attention_mask)
-        present = (lateral_present if lateral is not None and lateral_present is not None
-                   else torch.full((b,), lateral is not None, dtype=torch.bool, device=frontal.device))
-        weights = present.to(cls.dtype)
-        summed = cls[:b].clone()
-        if cls.shape[0] > b:
-            summed.index_add_(0, present.nonzero().squeeze(1), cls[b:])
-        img_feat = summed / (1.0 + weights)[:, None]
-        word_mask = attention_mask[:, 1:].bool() & (input_ids[:, 1:] != self.tokenizer.sep_id)
+        word_mask = self._word_mask(input_ids, attention_mask)
 
         def mean_cos(x):
             x = F.normalize(x, dim=-1)
@@ -270,8 +263,10 @@ class ClinVLA(nn.Module):
         out = self._encode_images(frontal, lateral, lateral_present, mask_ratio, static_views, return_local)
         return out[:3] if return_local else out[0]
 
-    def _encode_images(self, frontal, lateral, lateral_present, mask_ratio, static_views, local=True):
-        cls, patches, keep_idx, present, b = self._views(frontal, lateral, lateral_present, mask_ratio, static_views)
+    @staticmethod
+    def _pool_views(cls: torch.Tensor, present: torch.Tensor, b: int, static_views: bool) -> torch.Tensor:
+        """The study's global feature (B, W): the mean of its present views' CLS tokens. `cls` holds
+        the B frontal CLS tokens, then the laterals (all B with static_views, else the present ones)."""
         f_cls = cls[:b]
         n_lat = cls.shape[0] - b
         weights = present.to(cls.dtype)
@@ -281,8 +276,17 @@ class ClinVLA(nn.Module):
             summed = f_cls.index_add(0, present.nonzero().squeeze(1), cls[b:])
         else:
             summed = f_cls
-        global_feat = summed / (1.0 + weights)[:, None]
-        image_emb = F.normalize(self.image_global_head(global_feat), dim=-1)
+        return summed / (1.0 + weights)[:, None]
+
+    def _word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the real words after [CLS] (no padding, no [SEP])."""
+        return attention_mask[:, 1:].bool() & (input_ids[:, 1:] != self.tokenizer.sep_id)
+
+    def _encode_images(self, frontal, lateral, lateral_present, mask_ratio, static_views, local=True):
+        cls, patches, keep_idx, present, b = self._views(frontal, lateral, lateral_present, mask_ratio, static_views)
+        n_lat = cls.shape[0] - b
+        weights = present.to(cls.dtype)
+        image_emb = F.normalize(self.image_global_head(self._pool_views(cls, present, b, static_views)), dim=-1)
         if not local:
             return image_emb, None, None, cls, patches, keep_idx
         local_feats = self.image_local_head(patches)  # (B + n_lat, L, E)
@@ -321,8 +325,7 @@ class ClinVLA(nn.Module):
         if not return_local:
             return text_emb
         words = self.text_local_head(hidden[:, 1:])
-        word_mask = attention_mask[:, 1:].bool() & (input_ids[:, 1:] != self.tokenizer.sep_id)
-        return text_emb, words, word_mask
+        return text_emb, words, self._word_mask(input_ids, attention_mask)
 
     def forward(
         self,
