@@ -181,8 +181,8 @@ class ClinVLA(nn.Module):
     ) -> dict[str, float]:
         """Data-dependent init: shifts the last bias of every projection head so that its outputs
         on this batch have zero mean. Freshly initialised heads on top of pretrained (or random)
-        features give strongly anisotropic embeddings (mean pairwise cosine ~0.85 for MiniLM's
-        [CLS]); contrastive training from there tends to collapse both towers onto one vector.
+        features give strongly anisotropic embeddings (mean pairwise cosine ~0.83 for MiniLM's
+        [CLS] in the demo); contrastive training from there tends to collapse both towers onto one vector.
         Returns the mean pairwise cosine of the global embeddings before and after."""
         was_training = self.training
         self.eval()
