@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from clinvla_engine.config import ConfigError, load_config
+from clinvla_engine.export.testing import tiny_model
 from clinvla_engine.model import CheckpointError, create_model, load_checkpoint, save_checkpoint
 from clinvla_engine.model.vit import load_vit_weights
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = create_model("tiny")
-    # the adapters' up-projections start at zero; give them weights so the tests see them act
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".up." in name:
-                p.normal_(0, 0.02)
-    return model.eval()
+    return tiny_model(seed=0)  # the adapters' up-projections get weights so the tests see them act
 
 
 def images(b, size, seed):

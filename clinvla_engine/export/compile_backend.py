@@ -8,17 +8,10 @@ from __future__ import annotations
 
 from safetensors.torch import save_file
 
+from .aoti_backend import unsupported  # noqa: F401 - the same limits: both run Inductor-generated code
 from .context import BuildContext
 
 NAME = "compile"
-
-
-def unsupported(device: str, precision: str) -> str | None:
-    if precision == "fp8":
-        return "fp8 needs TensorRT (--backend tensorrt)"
-    if device == "cpu" and precision == "fp16":
-        return "fp16 on the CPU is slower than fp32; use fp32 or bf16"
-    return None
 
 
 def build(ctx: BuildContext) -> dict:
