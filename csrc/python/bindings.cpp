@@ -334,6 +334,15 @@ void index_add(clinvla::FlatIndex& self, py::handle vectors, py::handle ids_obj,
   }
 }
 
+// remove() of either index: the ids are a host int64 vector for both
+template <class Index>
+int64_t index_remove(Index& self, py::handle ids_obj) {
+  ArrayView v = view_of(ids_obj, "ids");
+  check(v, id_vector(-1, kDLCPU, 0));
+  py::gil_scoped_release nogil;
+  return self.remove(v.shape[0], static_cast<const int64_t*>(v.data));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -390,12 +399,7 @@ PYBIND11_MODULE(_C, m) {
              index_add(self, vectors, ids, bf16_bits, assigned);
              return assigned;
            }, py::arg("vectors"), py::arg("ids") = py::none(), py::arg("bf16_bits") = false)
-      .def("remove", [](clinvla::FlatIndex& self, py::handle ids_obj) {
-             ArrayView v = view_of(ids_obj, "ids");
-             check(v, id_vector(-1, kDLCPU, 0));
-             py::gil_scoped_release nogil;
-             return self.remove(v.shape[0], static_cast<const int64_t*>(v.data));
-           }, py::arg("ids"))
+      .def("remove", &index_remove<clinvla::FlatIndex>, py::arg("ids"))
       .def("__contains__", &clinvla::FlatIndex::contains)
       .def("search", [](const clinvla::FlatIndex& self, py::handle queries, int64_t k, py::handle scores,
                         py::handle ids, py::handle allow, int threads, bool bf16_bits) {
@@ -476,12 +480,7 @@ PYBIND11_MODULE(_C, m) {
              }
              return assigned;
            }, py::arg("vectors"), py::arg("ids") = py::none(), py::arg("bf16_bits") = false)
-      .def("remove", [](clinvla::CudaFlatIndex& self, py::handle ids_obj) {
-             ArrayView v = view_of(ids_obj, "ids");
-             check(v, id_vector(-1, kDLCPU, 0));
-             py::gil_scoped_release nogil;
-             return self.remove(v.shape[0], static_cast<const int64_t*>(v.data));
-           }, py::arg("ids"))
+      .def("remove", &index_remove<clinvla::CudaFlatIndex>, py::arg("ids"))
       .def("search", [](clinvla::CudaFlatIndex& self, py::handle queries, int64_t k, py::handle scores,
                         py::handle ids, py::handle allow, uintptr_t stream, bool bf16_bits) {
              ArrayView q = view_of(queries, "queries");
