@@ -409,6 +409,79 @@ def test_cuda_ties_allow_and_sharding_match_cpu():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype,d", [("float16", 128), ("bfloat16", 256), ("float16", 97)])
+def test_cuda_resident_scan_matches_cpu(dtype, d):
+    # More than 64 queries (4 blocks, the last of 8) and a filtered round of over 4 x 132 tiles: the
+    # resident scan shape runs (D = 97: the unaligned, element-wise loads). Integer data make every
+    # score exact, so ids and scores must equal the CPU's, ties broken by the smaller id.
+    import torch
+
+    rng = np.random.default_rng(d)
+    db = rng.integers(-3, 4, size=(150_000, d)).astype(np.float32)
+    q = rng.integers(-3, 4, size=(200, d)).astype(np.float32)
+    cpu = Index(d, dtype)
+    cpu.add(db)
+    gpu_index = Index(d, dtype, device="cuda")
+    gpu_index.add(db)
+    qt = torch.from_numpy(q).to({"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
+    for k in (10, 1000):
+        s_cpu, i_cpu = cpu.search(as_queries(q, dtype), k)
+        s_gpu, i_gpu = gpu_index.search(qt.cuda(), k)
+        np.testing.assert_array_equal(i_gpu.cpu().numpy(), to_numpy(i_cpu))
+        np.testing.assert_array_equal(s_gpu.cpu().numpy(), to_numpy(s_cpu))
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_resident_and_grid_scans_agree_bitwise(monkeypatch):
+    # Both scan shapes run the same tensor-core products in the same order, so on random data too
+    # (near-ties everywhere, unlike the integer tests) scores and ids must be identical.
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    db = torch.randn(150_000, 128, device="cuda", generator=g).half()
+    q = torch.randn(200, 128, device="cuda", generator=g).half()
+    auto = Index(128, "float16", device="cuda")
+    monkeypatch.setenv("CLINVLA_CUDA_SCAN", "grid")
+    grid = Index(128, "float16", device="cuda")
+    monkeypatch.setenv("CLINVLA_CUDA_SCAN", "sideways")
+    with pytest.raises(ValueError, match="CLINVLA_CUDA_SCAN must be 'auto' or 'grid', got 'sideways'"):
+        Index(128, "float16", device="cuda")
+    monkeypatch.delenv("CLINVLA_CUDA_SCAN")
+    auto.add(db)
+    grid.add(db)
+    for k in (1, 64, 4096):
+        s_a, i_a = auto.search(q, k)
+        s_g, i_g = grid.search(q, k)
+        assert torch.equal(i_a, i_g) and torch.equal(s_a, s_g)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_overflowing_round_is_redone_exactly():
+    # Rows sorted by score: every row of a filtered round beats the running k-th best. With 512
+    # queries a 64 MiB workspace leaves 16,384 candidate slots per query, so the optimistic round
+    # of ~92K rows overflows; the search must see the flag at its end and redo with rounds that fit.
+    import torch
+
+    rng = np.random.default_rng(5)
+    d = 64
+    q0 = rng.integers(-2, 3, size=d).astype(np.float32)
+    db = rng.integers(-2, 3, size=(100_000, d)).astype(np.float32)
+    db = db[np.argsort(db @ q0, kind="stable")]
+    q = np.repeat(q0[None], 512, 0)
+    cpu = Index(d, "float16")
+    cpu.add(db)
+    gpu_index = Index(d, "float16", device="cuda", workspace_mb=64)
+    gpu_index.add(db)
+    s_cpu, i_cpu = cpu.search(q.astype(np.float16), 100)
+    s_gpu, i_gpu = gpu_index.search(torch.from_numpy(q).half().cuda(), 100)
+    np.testing.assert_array_equal(i_gpu.cpu().numpy(), i_cpu)
+    np.testing.assert_array_equal(s_gpu.cpu().numpy(), s_cpu)
+
+
+@pytest.mark.gpu
+@gpu
 def test_cuda_current_stream_nan_and_errors(tmp_path):
     import torch
 

@@ -1,7 +1,7 @@
 // CudaFlatIndex: exact top-k on one GPU, a fused matrix product + threshold filter, then merges.
 //
 // Maths. For queries Q (nq, D) and stored vectors X (N, D): S = Q X^T, and for each query the k
-// largest S[q, :] with ties broken by the smaller id. S is never written whole:
+// largest S[q, :] with ties broken by the smaller id (the CPU path's rule). S is never written whole:
 //
 //   round 0  ("dense"): the first L0 <= cap rows; the scan writes their scores, cand[q, 0:L0].
 //   round r  ("filtered"): the next L_r rows; the scan keeps a score only when it is >= tau[q],
@@ -13,14 +13,24 @@
 //
 // Any k-th best of a subset is <= the true k-th best, so every vector of the true top-k passes the
 // filter: the result is exact. Round lengths grow so that about k * L / processed <= cap / 4
-// candidates are expected (random order); a round whose candidates could overflow cap is checked
-// (one host sync) and, if it did overflow, redone in halves (a range of <= cap rows never can).
+// candidates are expected (random order). A round that overflows cap raises a sticky device flag
+// and the search goes on without waiting; the host reads the flag once, at the end (with the
+// non-finite-query check), and only then, rarely, redoes the search with rounds of <= cap rows,
+// which cannot overflow (each row adds at most one candidate per query). So a search is one
+// memset, one query check, 2 launches per round and one stream synchronise; nothing in between
+// waits for the host.
 //
-// The scan: one CTA of 4 warps per (64 or 16 queries) x (128 rows) tile, D walked in chunks of 64
-// through shared memory; float16 / bfloat16 use tensor cores (WMMA m16n16k16, float accumulate),
-// float32 uses FFMA. Offsets are int64 wherever rows * dim can pass 2^31. Vectors live on the device
-// in shards; shards beyond the memory budget are copied in through one staging buffer when
-// searched. All work is on the caller's stream; buffers are allocated on first need and reused.
+// The scan: 4 warps per CTA, 128 database rows per tile, D walked in chunks of 64 through shared
+// memory; float16 / bfloat16 use tensor cores (WMMA m16n16k16, float accumulate), float32 uses
+// FFMA. Two launch shapes:
+//   grid     one CTA per (64 or 16 queries) x (128 rows) tile: few rows (the dense round, or
+//            too few tiles to fill the GPU otherwise), float32, or D too large for the next one;
+//   resident one CTA per 128-row tile that loops over every 64-query block with the tile kept in
+//            shared memory (half types, more than 64 queries, enough tiles): the database crosses
+//            L2 -> SM once per search instead of ceil(nq / 64) times.
+// Offsets are int64 wherever rows * dim can pass 2^31. Vectors live on the device in shards;
+// shards beyond the memory budget are copied in through one staging buffer when searched. All work
+// is on the caller's stream; buffers are allocated on first need and reused.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cooperative_groups.h>
@@ -29,8 +39,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -114,13 +126,26 @@ struct ScanSmem {
 
 // ---- tile products: write S[BQ][kLdS] (float) in shared memory ----
 
-template <typename T, int BQ>
-__device__ void tile_scores_mma(const ScanParams& p, int64_t q0, int64_t row0, unsigned char* smem) {
+// XRES = false: the 128 database rows are staged chunk by chunk with the queries (grid shape).
+// XRES = true: they are already in shared memory at xres, all of D, ldx elements per row
+// (resident shape), and only the queries are staged.
+//
+// 16-byte staging loads go in batches per thread, all issued before any is stored: one load in
+// flight per thread (load, branch, store, repeat: what the loop compiled to before) keeps a Q = 1
+// scan far below HBM bandwidth (~14 KB in flight per SM); 8 x 16 B per thread x 128 threads x
+// 8 CTAs per SM (64 registers) does not. The 64-query tile, which holds 64 accumulator registers,
+// takes 4 at a time so that it stays near 128 registers (unrolled batches: 212-254 registers).
+template <int BQ> __host__ __device__ constexpr int load_batch() { return BQ <= 16 ? 8 : 4; }
+
+template <typename T, int BQ, bool XRES>
+__device__ void tile_scores_mma(const ScanParams& p, int64_t q0, int64_t row0, unsigned char* smem,
+                                const T* xres, int ldx) {
   using namespace nvcuda;
   using Smem = ScanSmem<T, BQ>;
   constexpr int LdT = Smem::kLdT;
   T* qs = reinterpret_cast<T*>(smem);
   T* xs = qs + BQ * LdT;
+  constexpr int staged_rows = XRES ? BQ : BQ + kBN;
   const T* Q = static_cast<const T*>(p.queries);
   const T* X = static_cast<const T*>(p.vectors);
   const int warp = threadIdx.x / 32;
@@ -134,22 +159,39 @@ __device__ void tile_scores_mma(const ScanParams& p, int64_t q0, int64_t row0, u
   for (int64_t k0 = 0; k0 < p.dim; k0 += kBK) {
     if (p.vec16) {
       constexpr int kChunks = kBK / 8;  // 16-byte chunks per staged row
-      for (int idx = threadIdx.x; idx < (BQ + kBN) * kChunks; idx += kThreads) {
-        const int r = idx / kChunks, c = (idx % kChunks) * 8;
-        const int64_t k = k0 + c;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < BQ) {
-          const int64_t q = q0 + r;
-          if (q < p.nq && k < p.dim) v = *reinterpret_cast<const uint4*>(Q + q * p.dim + k);
-          *reinterpret_cast<uint4*>(qs + r * LdT + c) = v;
-        } else {
-          const int64_t row = row0 + (r - BQ);
-          if (row < p.r_end && k < p.dim) v = __ldg(reinterpret_cast<const uint4*>(X + row * p.dim + k));
-          *reinterpret_cast<uint4*>(xs + (r - BQ) * LdT + c) = v;
+      constexpr int kIters = staged_rows * kChunks / kThreads;
+      static_assert(staged_rows * kChunks % kThreads == 0, "staging: whole iterations per thread");
+      constexpr int kBatch = load_batch<XRES ? 64 : BQ>();
+      // Not unrolled: ptxas would hoist every batch's loads to the top (12 x 4 registers more).
+#pragma unroll 1
+      for (int b0 = 0; b0 < kIters; b0 += kBatch) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          v[j] = make_uint4(0, 0, 0, 0);
+          if (b0 + j >= kIters) continue;
+          const int idx = threadIdx.x + (b0 + j) * kThreads;
+          const int r = idx / kChunks, c = (idx % kChunks) * 8;
+          const int64_t k = k0 + c;
+          if (r < BQ) {
+            const int64_t q = q0 + r;
+            if (q < p.nq && k < p.dim) v[j] = *reinterpret_cast<const uint4*>(Q + q * p.dim + k);
+          } else {
+            const int64_t row = row0 + (r - BQ);
+            if (row < p.r_end && k < p.dim) v[j] = __ldg(reinterpret_cast<const uint4*>(X + row * p.dim + k));
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          if (b0 + j >= kIters) continue;
+          const int idx = threadIdx.x + (b0 + j) * kThreads;
+          const int r = idx / kChunks, c = (idx % kChunks) * 8;
+          T* dst = r < BQ ? qs + r * LdT + c : xs + (r - BQ) * LdT + c;
+          *reinterpret_cast<uint4*>(dst) = v[j];
         }
       }
     } else {
-      for (int idx = threadIdx.x; idx < (BQ + kBN) * kBK; idx += kThreads) {
+      for (int idx = threadIdx.x; idx < staged_rows * kBK; idx += kThreads) {
         const int r = idx / kBK, c = idx % kBK;
         const int64_t k = k0 + c;
         T v = zero_val<T>();
@@ -165,11 +207,14 @@ __device__ void tile_scores_mma(const ScanParams& p, int64_t q0, int64_t row0, u
       }
     }
     __syncthreads();
+    // B operand: this chunk of the warp's 32 rows, from the staging tile or the resident tile.
+    const T* xb = XRES ? xres + k0 : xs;
+    const int ldb = XRES ? ldx : LdT;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], xs + (warp * 32 + j * 16) * LdT + kk, LdT);
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], xb + (warp * 32 + j * 16) * ldb + kk, ldb);
 #pragma unroll
       for (int i = 0; i < FQ; ++i) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -243,6 +288,32 @@ __device__ void tile_scores_simt(const ScanParams& p, int64_t q0, int64_t row0, 
 
 // ---- the fused scan ----
 
+// The score tile S (BQ x 128, in shared memory) of queries q0.. against rows row0..: the dense
+// round writes every score, a filtered round appends those >= tau (the caller has filled tau_s).
+template <int BQ, bool DENSE>
+__device__ __forceinline__ void emit_scores(const ScanParams& p, int64_t q0, int64_t row0, const float* S,
+                                            const float* tau_s, int ldS) {
+  for (int idx = threadIdx.x; idx < BQ * kBN; idx += kThreads) {
+    const int i = idx / kBN, j = idx % kBN;
+    const int64_t q = q0 + i, row = row0 + j;
+    if (q >= p.nq || row >= p.r_end) continue;
+    const float s = S[i * ldS + j];
+    if (DENSE) {
+      const bool ok = p.allow.data == nullptr || is_allowed(p.allow, q, p.ids[row]);
+      p.cand_s[q * p.cap + (row - p.r0)] = ok ? s : kNegInf;
+    } else if (s >= tau_s[i] && s > kNegInf) {
+      if (p.allow.data != nullptr && !is_allowed(p.allow, q, p.ids[row])) continue;
+      const int pos = atomicAdd(p.counts + q, 1);
+      if (pos < p.cap) {
+        p.cand_s[q * p.cap + pos] = s;
+        p.cand_r[q * p.cap + pos] = uint32_t(row - p.r0);
+      } else {
+        *p.overflow = 1;  // sticky for the whole search; the host redoes it (see the top)
+      }
+    }
+  }
+}
+
 template <typename T, int BQ, bool DENSE>
 __global__ void __launch_bounds__(kThreads) scan_kernel(ScanParams p) {
   using Smem = ScanSmem<T, BQ>;
@@ -262,42 +333,106 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     tile_scores_simt<T, BQ>(p, q0, row0, smem);
 #else
-    tile_scores_mma<T, BQ>(p, q0, row0, smem);
+    tile_scores_mma<T, BQ, false>(p, q0, row0, smem, nullptr, 0);
 #endif
   } else {
-    tile_scores_mma<T, BQ>(p, q0, row0, smem);
+    tile_scores_mma<T, BQ, false>(p, q0, row0, smem, nullptr, 0);
   }
+  emit_scores<BQ, DENSE>(p, q0, row0, reinterpret_cast<const float*>(smem), tau_s, Smem::kLdS);
+}
 
-  const float* S = reinterpret_cast<const float*>(smem);
-  for (int idx = threadIdx.x; idx < BQ * kBN; idx += kThreads) {
-    const int i = idx / kBN, j = idx % kBN;
-    const int64_t q = q0 + i, row = row0 + j;
-    if (q >= p.nq || row >= p.r_end) continue;
-    const float s = S[i * Smem::kLdS + j];
-    if (DENSE) {
-      const bool ok = p.allow.data == nullptr || is_allowed(p.allow, q, p.ids[row]);
-      p.cand_s[q * p.cap + (row - p.r0)] = ok ? s : kNegInf;
-    } else if (s >= tau_s[i] && s > kNegInf) {
-      if (p.allow.data != nullptr && !is_allowed(p.allow, q, p.ids[row])) continue;
-      const int pos = atomicAdd(p.counts + q, 1);
-      if (pos < p.cap) {
-        p.cand_s[q * p.cap + pos] = s;
-        p.cand_r[q * p.cap + pos] = uint32_t(row - p.r0);
-      } else {
-        *p.overflow = 1;
+// Resident shape (half types, tensor cores): dynamic shared memory = the tile's 128 rows x
+// resident_ld(dim) elements, then the query staging / score area of the grid shape, then tau_s.
+// (No static shared memory, so the dynamic area starts at the CTA's aligned shared-memory base:
+// WMMA loads need 32-byte aligned rows.)
+constexpr int kResidentBQ = 64;
+// Two CTAs per SM: 2 x (dynamic + 1 KB the hardware reserves per CTA) must fit the SM's 228 KB
+// (sm_90); above this the grid shape runs. D <= 256 fits for half types.
+constexpr int kResidentMaxSmem = 112 * 1024;
+static_assert(2 * (kResidentMaxSmem + 1024) <= 228 * 1024, "resident scan: two CTAs must fit one SM");
+
+__host__ __device__ constexpr int64_t resident_ld(int64_t dim) { return (dim + kBK - 1) / kBK * kBK + 8; }
+
+template <typename T>
+__host__ __device__ constexpr int64_t resident_smem(int64_t dim) {
+  return (int64_t(kBN) * resident_ld(dim) * int64_t(sizeof(T)) + 127) / 128 * 128 + ScanSmem<T, kResidentBQ>::kBytes +
+         kResidentBQ * int64_t(sizeof(float));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kBf16Mma = false;  // no bf16 WMMA before sm_80; the host never picks this shape there
+#else
+constexpr bool kBf16Mma = true;
+#endif
+
+template <typename T, bool DENSE>
+__global__ void __launch_bounds__(kThreads) scan_resident_kernel(ScanParams p) {
+  constexpr int BQ = kResidentBQ;
+  using Smem = ScanSmem<T, BQ>;
+  extern __shared__ __align__(128) unsigned char dyn_scan[];
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && !kBf16Mma) {
+    __trap();
+  } else {
+    const int ldx = int(resident_ld(p.dim));
+    T* xres = reinterpret_cast<T*>(dyn_scan);
+    unsigned char* work = dyn_scan + (int64_t(kBN) * ldx * int64_t(sizeof(T)) + 127) / 128 * 128;
+    float* tau_s = reinterpret_cast<float*>(work + Smem::kBytes);  // [BQ]
+    const T* X = static_cast<const T*>(p.vectors);
+    const int64_t row0 = p.r0 + (p.tile0 + blockIdx.x) * kBN;
+    const int64_t kpad = ldx - 8;  // columns dim..kpad are zero, so whole 64-wide chunks multiply
+    // The tile, once: rows past r_end and columns past dim are zero.
+    if (p.vec16) {
+      const int chunks = int(kpad / 8);
+      const int total = kBN * chunks;
+      constexpr int kBatch = load_batch<kResidentBQ>();
+      for (int base = 0; base < total; base += kBatch * kThreads) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {  // all loads first (see load_batch)
+          const int idx = base + j * kThreads + int(threadIdx.x);
+          const int r = idx / chunks, c = (idx % chunks) * 8;
+          const int64_t row = row0 + r;
+          v[j] = make_uint4(0, 0, 0, 0);
+          if (idx < total && row < p.r_end && c < p.dim) v[j] = __ldg(reinterpret_cast<const uint4*>(X + row * p.dim + c));
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int idx = base + j * kThreads + int(threadIdx.x);
+          if (idx < total) *reinterpret_cast<uint4*>(xres + (idx / chunks) * ldx + (idx % chunks) * 8) = v[j];
+        }
       }
+    } else {
+      for (int64_t idx = threadIdx.x; idx < kBN * kpad; idx += kThreads) {
+        const int64_t r = idx / kpad, c = idx % kpad;
+        const int64_t row = row0 + r;
+        xres[r * ldx + c] = (row < p.r_end && c < p.dim) ? X[row * p.dim + c] : zero_val<T>();
+      }
+    }
+    // (tile_scores_mma's first __syncthreads publishes the tile before any warp reads it.)
+    for (int64_t q0 = 0; q0 < p.nq; q0 += BQ) {
+      if (!DENSE) {
+        for (int i = threadIdx.x; i < BQ; i += kThreads) tau_s[i] = q0 + i < p.nq ? p.tau[q0 + i] : kNegInf;
+      }
+      tile_scores_mma<T, BQ, true>(p, q0, row0, work, xres, ldx);
+      emit_scores<BQ, DENSE>(p, q0, row0, reinterpret_cast<const float*>(work), tau_s, Smem::kLdS);
+      __syncthreads();  // the next block overwrites the score area and tau_s
     }
   }
 }
 
 // ---- select: merge candidates into the running top-k ----
 
+// select's dynamic shared memory at k = kMaxK (next_pow2 = 4096): ids + scores, 12 B per slot,
+// plus about 1.1 KB static; the H200's per-block opt-in maximum is 232,448 B.
+static_assert((CudaFlatIndex::kMaxK & (CudaFlatIndex::kMaxK - 1)) == 0, "select sizes its sort by kMaxK = 2^n");
+static_assert(CudaFlatIndex::kMaxK * 12 + 2048 <= 232448, "select: k = kMaxK must fit one block's shared memory");
+
 struct SelectParams {
   float* out_s;        // (nq, k): running results, sorted; updated in place
   int64_t* out_i;
   const float* cand_s;
   const uint32_t* cand_r;
-  const int* counts;   // filtered rounds
+  int* counts;         // filtered rounds; select sets counts[q] = 0 for the next round
   const int64_t* ids;  // shard ids; candidate row c maps to ids[r0 + c]
   float* tau;
   int64_t nq, k, cap, r0, dense_len;  // dense_len > 0: dense round of that many rows
@@ -323,6 +458,47 @@ __device__ __forceinline__ void count_bin(unsigned int* hist, int bin) {
   if (bin >= 0 && peers.thread_rank() == 0) atomicAdd(&hist[bin], peers.size());
 }
 
+// Warp 0 of the select CTA: walking the 256 bins from the top (bin 255 = the largest keys), the
+// bin where the count reaches `need`; writes that bin, how many of `need` remain inside it, its
+// count and the total. Lane l owns bins 255 - 8l .. 248 - 8l, so a warp prefix sum replaces a
+// 256-step serial loop on one thread (which was most of a select's latency, 4 passes per call).
+// When the total is below need (only possible in the first pass, where the caller then takes all),
+// it answers bin 0 and need - total, as the serial loop did.
+__device__ __forceinline__ void find_bin(const unsigned int* hist, unsigned int need, unsigned int* s_sel,
+                                         unsigned int* s_need, unsigned int* s_eq, unsigned int* s_total) {
+  const unsigned int lane = threadIdx.x & 31u;
+  unsigned int c[8], sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    c[j] = hist[255 - 8 * lane - j];
+    sum += c[j];
+  }
+  unsigned int incl = sum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned int v = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= unsigned(off)) incl += v;
+  }
+  const unsigned int total = __shfl_sync(0xffffffffu, incl, 31);
+  const unsigned int hit = __ballot_sync(0xffffffffu, incl >= need);
+  if (hit == 0) {
+    if (lane == 0) { *s_sel = 0; *s_need = need - total; *s_eq = hist[0]; *s_total = total; }
+    return;
+  }
+  if (lane == unsigned(__ffs(hit) - 1)) {
+    unsigned int cum = incl - sum, bin = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (cum + c[j] >= need) { bin = 255 - 8 * lane - j; break; }
+      cum += c[j];
+    }
+    *s_sel = bin;
+    *s_need = need - cum;
+    *s_eq = hist[bin];
+    *s_total = total;
+  }
+}
+
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) {
   extern __shared__ __align__(16) unsigned char dyn[];
   int64_t* best_i = reinterpret_cast<int64_t*>(dyn);        // [pow2]
@@ -339,8 +515,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
   const float* cs = p.cand_s + q * p.cap;
   const uint32_t* cr = p.cand_r + q * p.cap;
 
+  // The dense round starts the query afresh: the output arrays hold nothing yet (they are not
+  // initialised, which saves a launch), so its first k elements count as empty.
+  const bool fresh = p.dense_len > 0;
   auto score_of = [&](int64_t e) -> float {
-    if (e < k) return prev_i[e] >= 0 ? prev_s[e] : kNegInf;
+    if (e < k) return (!fresh && prev_i[e] >= 0) ? prev_s[e] : kNegInf;
     return cs[e - k];
   };
   auto id_of = [&](int64_t e) -> int64_t {
@@ -367,18 +546,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
       count_bin(hist, bin);
     }
     __syncthreads();
-    if (tid == 0) {
-      unsigned int cum = 0, sel = 0, total = 0;
-      for (int b = 0; b < 256; ++b) total += hist[b];
-      for (int b = 255; b >= 0; --b) {
-        if (cum + hist[b] >= need) { sel = unsigned(b); break; }
-        cum += hist[b];
-      }
-      s_total = total;
-      s_sel = sel;
-      s_need = need - cum;
-      s_eq = hist[sel];
-    }
+    if (tid < 32) find_bin(hist, need, &s_sel, &s_need, &s_eq, &s_total);
     __syncthreads();
     if (shift == 24 && s_total <= unsigned(k)) { take_all = true; break; }
     prefix |= s_sel << shift;
@@ -407,15 +575,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
         count_bin(hist, bin);
       }
       __syncthreads();
-      if (tid == 0) {
-        unsigned int cum = 0, sel = 0;
-        for (int b = 255; b >= 0; --b) {
-          if (cum + hist[b] >= id_need) { sel = unsigned(b); break; }
-          cum += hist[b];
-        }
-        s_sel = sel;
-        s_need = id_need - cum;
-      }
+      // (s_eq and s_total are not used past this point; find_bin overwrites them harmlessly.)
+      if (tid < 32) find_bin(hist, id_need, &s_sel, &s_need, &s_eq, &s_total);
       __syncthreads();
       id_prefix |= static_cast<unsigned long long>(s_sel) << shift;
       id_mask |= 255ull << shift;
@@ -470,7 +631,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectParams p) 
     os[j] = valid ? best_s[j] : kNegInf;
     oi[j] = valid ? best_i[j] : -1;
   }
-  if (tid == 0) p.tau[q] = taken == int(k) ? best_s[k - 1] : kNegInf;
+  if (tid == 0) {
+    p.tau[q] = taken == int(k) ? best_s[k - 1] : kNegInf;
+    p.counts[q] = 0;  // every thread read it at the top (nc); this saves a memset per round
+  }
 }
 
 // ---- small kernels ----
@@ -485,10 +649,12 @@ __global__ void init_kernel(float* out_s, int64_t* out_i, int64_t n, float* tau,
       tau[i] = kNegInf;
 }
 
+// flags[1] = ~(index of the first non-finite query element), 0 when all are finite: stored
+// complemented so that the memset to zero that clears the overflow flag clears this one too.
 template <typename T>
-__global__ void finite_kernel(const T* x, int64_t n, unsigned long long* first_bad) {
+__global__ void finite_kernel(const T* x, int64_t n, unsigned long long* bad_flag) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    if (!isfinite(to_f<T>(x[i]))) atomicMin(first_bad, static_cast<unsigned long long>(i));
+    if (!isfinite(to_f<T>(x[i]))) atomicMax(bad_flag, ~static_cast<unsigned long long>(i));
   }
 }
 
@@ -544,10 +710,20 @@ struct CudaFlatIndex::Impl {
   DeviceBuffer stage_vec, stage_ids;
 
   DeviceBuffer cand_s, cand_r, counts, tau, flags;
-  unsigned long long* host_flags = nullptr;  // pinned: [overflow, first non-finite query value]
-  bool select_attr_set = false;
+  unsigned long long* host_flags = nullptr;  // pinned: [overflow, ~first non-finite query element]
+  bool attrs_set = false;  // dynamic shared-memory opt-ins of select and the resident scans
+  int sm_count = 0, cc_major = 0;
+  // CLINVLA_CUDA_SCAN=grid (read when the index is made) turns the resident scan shape off: an
+  // A/B switch for benchmarks/bench_topk.py and a way around it should it ever misbehave.
+  bool allow_resident = true;
 
-  Impl(FlatIndex&& h, const Options& o) : host(std::move(h)), opt(o) {}
+  Impl(FlatIndex&& h, const Options& o) : host(std::move(h)), opt(o) {
+    const char* shape = std::getenv("CLINVLA_CUDA_SCAN");
+    const std::string want = shape ? shape : "";
+    if (want == "grid") allow_resident = false;
+    else if (!want.empty() && want != "auto")
+      fail(ErrorCode::Invalid, "CLINVLA_CUDA_SCAN must be 'auto' or 'grid', got '", want, "': unset it or use one of those");
+  }
   ~Impl() { if (host_flags) cudaFreeHost(host_flags); }
 
   int64_t row_bytes() const { return host.dim() * int64_t(dtype_size(host.dtype())); }
@@ -560,8 +736,17 @@ struct CudaFlatIndex::Impl {
   void upload(cudaStream_t stream);
   void search(int64_t nq, const void* queries, int64_t k, float* scores, int64_t* ids, const AllowList& allow,
               cudaStream_t stream);
+  // safe = false: optimistic round lengths (overflow possible, flagged); true: rounds <= cap.
   void search_rounds(int64_t nq, const void* queries, int64_t k, float* scores, int64_t* ids,
-                     const AllowList& allow, cudaStream_t stream);
+                     const AllowList& allow, cudaStream_t stream, bool safe);
+  // The resident scan shape pays off with more than one query block and enough tiles to fill
+  // every SM a few times over (one CTA per tile); the dense round (L0 rows) usually has too few.
+  bool use_resident(DType dt, int64_t nq, int64_t tiles) const {
+    if (!allow_resident || dt == DType::Float32 || (dt == DType::BFloat16 && cc_major < 8)) return false;
+    if (nq <= kResidentBQ || tiles < 4 * int64_t(sm_count)) return false;
+    const int64_t smem = dt == DType::Float16 ? resident_smem<__half>(host.dim()) : resident_smem<__nv_bfloat16>(host.dim());
+    return smem <= kResidentMaxSmem;
+  }
 };
 
 void CudaFlatIndex::Impl::upload(cudaStream_t stream) {
@@ -629,7 +814,27 @@ void launch_scan(const ScanParams& p, int64_t tiles, cudaStream_t stream) {
 }
 
 template <typename T, bool DENSE>
-void scan_any(const ScanParams& p, int64_t tiles, cudaStream_t stream) {
+void launch_resident(const ScanParams& p, int64_t tiles, cudaStream_t stream) {
+  const size_t smem = size_t(resident_smem<T>(p.dim));
+  const int64_t per_launch = int64_t(INT32_MAX);
+  for (int64_t t0 = 0; t0 < tiles; t0 += per_launch) {
+    ScanParams pp = p;
+    pp.tile0 = t0;
+    pp.n_qblocks = 1;
+    const int64_t nt = std::min(per_launch, tiles - t0);
+    scan_resident_kernel<T, DENSE><<<unsigned(nt), kThreads, smem, stream>>>(pp);
+  }
+  CLV_CUDA(cudaGetLastError());
+}
+
+template <typename T, bool DENSE>
+void scan_any(const ScanParams& p, int64_t tiles, bool resident, cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (resident) {
+      launch_resident<T, DENSE>(p, tiles, stream);
+      return;
+    }
+  }
   if (p.nq <= 16) {
     ScanParams pp = p;
     pp.n_qblocks = (p.nq + 15) / 16;
@@ -642,11 +847,11 @@ void scan_any(const ScanParams& p, int64_t tiles, cudaStream_t stream) {
 }
 
 template <bool DENSE>
-void scan_dtype(DType dt, const ScanParams& p, int64_t tiles, cudaStream_t stream) {
+void scan_dtype(DType dt, const ScanParams& p, int64_t tiles, bool resident, cudaStream_t stream) {
   switch (dt) {
-    case DType::Float32: scan_any<float, DENSE>(p, tiles, stream); break;
-    case DType::Float16: scan_any<__half, DENSE>(p, tiles, stream); break;
-    case DType::BFloat16: scan_any<__nv_bfloat16, DENSE>(p, tiles, stream); break;
+    case DType::Float32: scan_any<float, DENSE>(p, tiles, false, stream); break;
+    case DType::Float16: scan_any<__half, DENSE>(p, tiles, resident, stream); break;
+    case DType::BFloat16: scan_any<__nv_bfloat16, DENSE>(p, tiles, resident, stream); break;
   }
 }
 
@@ -666,14 +871,21 @@ void CudaFlatIndex::Impl::search(int64_t nq, const void* queries, int64_t k, flo
   if (!host_flags) CLV_CUDA(cudaMallocHost(reinterpret_cast<void**>(&host_flags), 2 * sizeof(unsigned long long)));
   flags.ensure(2 * sizeof(unsigned long long));
   unsigned long long* dflags = flags.as<unsigned long long>();
-  if (!select_attr_set) {
+  if (!attrs_set) {
+    CLV_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, opt.device));
+    CLV_CUDA(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, opt.device));
     CLV_CUDA(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   next_pow2(kMaxK) * 12));
-    select_attr_set = true;
+    // Opted in once for the largest resident tile use_resident() allows (above 48 KB needs it).
+    CLV_CUDA(cudaFuncSetAttribute(scan_resident_kernel<__half, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kResidentMaxSmem));
+    CLV_CUDA(cudaFuncSetAttribute(scan_resident_kernel<__half, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kResidentMaxSmem));
+    CLV_CUDA(cudaFuncSetAttribute(scan_resident_kernel<__nv_bfloat16, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kResidentMaxSmem));
+    CLV_CUDA(cudaFuncSetAttribute(scan_resident_kernel<__nv_bfloat16, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kResidentMaxSmem));
+    attrs_set = true;
   }
 
-  // Non-finite queries: the first bad element's index (or all ones), read back at the end.
-  CLV_CUDA(cudaMemsetAsync(dflags + 1, 0xff, sizeof(unsigned long long), stream));
+  // One memset clears both flags: [0] overflow (sticky), [1] ~first non-finite query element.
+  CLV_CUDA(cudaMemsetAsync(dflags, 0, 2 * sizeof(unsigned long long), stream));
   const int64_t nel = nq * dim;
   switch (dt) {
     case DType::Float32:
@@ -689,26 +901,34 @@ void CudaFlatIndex::Impl::search(int64_t nq, const void* queries, int64_t k, flo
   }
   CLV_CUDA(cudaGetLastError());
 
-  if (k == 0 || N == 0) {
+  const bool empty = k == 0 || N == 0;
+  if (empty) {
     if (k > 0) {
       init_kernel<<<grid_for(nq * k, 256), 256, 0, stream>>>(out_s, out_i, nq * k, nullptr, 0);
       CLV_CUDA(cudaGetLastError());
     }
   } else {
     upload(stream);
-    search_rounds(nq, queries, k, out_s, out_i, allow, stream);
+    search_rounds(nq, queries, k, out_s, out_i, allow, stream, /*safe=*/false);
   }
-  CLV_CUDA(cudaMemcpyAsync(host_flags + 1, dflags + 1, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
+  // The one wait of a search: the caller's contract is that a non-finite query raises here.
+  CLV_CUDA(cudaMemcpyAsync(host_flags, dflags, 2 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
   CLV_CUDA(cudaStreamSynchronize(stream));
-  if (host_flags[1] != ~0ull) {
-    const unsigned long long bad = host_flags[1];
+  if (host_flags[1] != 0) {
+    const unsigned long long bad = ~host_flags[1];
     fail(ErrorCode::Invalid, "search: queries must be finite, but query ", bad / uint64_t(dim),
          " has a NaN or infinite value at dimension ", bad % uint64_t(dim));
+  }
+  if (!empty && host_flags[0] != 0) {
+    // Some round had more candidates than slots (rows in an adversarial order): results may miss
+    // vectors. Redo with rounds that cannot overflow; rare, so the common path never waits.
+    search_rounds(nq, queries, k, out_s, out_i, allow, stream, /*safe=*/true);
+    CLV_CUDA(cudaStreamSynchronize(stream));
   }
 }
 
 void CudaFlatIndex::Impl::search_rounds(int64_t nq, const void* queries, int64_t k, float* out_s, int64_t* out_i,
-                                        const AllowList& allow, cudaStream_t stream) {
+                                        const AllowList& allow, cudaStream_t stream, bool safe) {
   const int64_t dim = host.dim();
   const DType dt = host.dtype();
   const int64_t N = host.size();
@@ -735,8 +955,8 @@ void CudaFlatIndex::Impl::search_rounds(int64_t nq, const void* queries, int64_t
     const int64_t kq = k;
     float* os = out_s + qa * k;
     int64_t* oi = out_i + qa * k;
-    init_kernel<<<grid_for(nqc * k, 256), 256, 0, stream>>>(os, oi, nqc * k, tau.as<float>(), nqc);
-    CLV_CUDA(cudaGetLastError());
+    // No initialisation: the dense round (every chunk starts with one) neither reads counts nor the
+    // outputs' old contents, and its select writes all k outputs, sets tau and zeroes counts.
 
     ScanParams sp{};
     sp.queries = static_cast<const uint8_t*>(queries) + qa * dim * int64_t(dtype_size(dt));
@@ -781,42 +1001,21 @@ void CudaFlatIndex::Impl::search_rounds(int64_t nq, const void* queries, int64_t
       const uintptr_t align_bits = reinterpret_cast<uintptr_t>(sp.queries) | reinterpret_cast<uintptr_t>(vec);
       sp.vec16 = dt != DType::Float32 && dim % 8 == 0 && (align_bits & 15u) == 0;
 
-      // Ranges still to process in this shard (a stack: an overflowed range is split in halves).
-      std::vector<std::pair<int64_t, int64_t>> todo;
-      int64_t pos = 0;
-      while (pos < sh.rows || !todo.empty()) {
-        int64_t r0, len;
-        if (!todo.empty()) {
-          r0 = todo.back().first;
-          len = todo.back().second;
-          todo.pop_back();
-        } else {
-          len = processed == 0 ? std::min(L0, sh.rows)
-                               : std::min(sh.rows - pos,
-                                          std::max(L0, int64_t(double(processed) * double(cap) / double(4 * k))));
-          r0 = pos;
-          pos += len;
-        }
+      for (int64_t pos = 0; pos < sh.rows;) {
         const bool dense = processed == 0;
+        // Safe rounds hold at most cap rows, so each query's candidates always fit.
+        const int64_t grow = safe ? cap : std::max(L0, int64_t(double(processed) * double(cap) / double(4 * k)));
+        const int64_t len = dense ? std::min(L0, sh.rows) : std::min(sh.rows - pos, grow);
+        const int64_t r0 = pos;
+        pos += len;
         sp.r0 = r0;
         sp.r_end = r0 + len;
         const int64_t tiles = (len + kBN - 1) / kBN;
+        const bool resident = use_resident(dt, nqc, tiles);
         if (dense) {
-          scan_dtype<true>(dt, sp, tiles, stream);
+          scan_dtype<true>(dt, sp, tiles, resident, stream);
         } else {
-          CLV_CUDA(cudaMemsetAsync(sp.counts, 0, size_t(nqc) * sizeof(int), stream));
-          CLV_CUDA(cudaMemsetAsync(dflags, 0, sizeof(unsigned long long), stream));
-          scan_dtype<false>(dt, sp, tiles, stream);
-          if (len > cap) {  // more rows than slots: the candidates might not have fit
-            CLV_CUDA(cudaMemcpyAsync(host_flags, dflags, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
-            CLV_CUDA(cudaStreamSynchronize(stream));
-            if (host_flags[0] != 0) {
-              const int64_t half = len / 2;
-              todo.push_back({r0 + half, len - half});  // processed second
-              todo.push_back({r0, half});
-              continue;
-            }
-          }
+          scan_dtype<false>(dt, sp, tiles, resident, stream);
         }
         sel.r0 = r0;
         sel.dense_len = dense ? len : 0;

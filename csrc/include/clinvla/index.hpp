@@ -152,7 +152,8 @@ class CudaFlatIndex {
 
   // queries (nq, dim) in dtype(), scores / ids (nq, k) and allow.data: device pointers on device().
   // stream: a cudaStream_t (nullptr = legacy default stream). Returns when the results are written
-  // in stream order (the host waits on the stream between rounds of the search).
+  // in stream order: the host waits on the stream once, at the end, to report non-finite queries
+  // (and, in the rare case that a round overflowed its candidate slots, once more after a redo).
   void search(int64_t nq, const void* queries, int64_t k, float* scores, int64_t* ids,
               const AllowList& allow, void* stream);
 
