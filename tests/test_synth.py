@@ -192,7 +192,7 @@ def test_same_seed_same_archive(tmp_path, mimic):
 
 
 def test_rendering_processes_do_not_change_the_archive(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth, "PARALLEL_MIN_STUDIES", 1)  # the workers import the module afresh
+    monkeypatch.setattr(synth.generate, "PARALLEL_MIN_STUDIES", 1)  # the workers import the module afresh
     one, s1 = make(tmp_path, "mimic", name="one", studies=20, workers=1)
     two, s2 = make(tmp_path, "mimic", name="two", studies=20, workers=2)
     assert (s1["workers"], s2["workers"]) == (1, 2)
@@ -229,7 +229,7 @@ def test_replaces_its_own_archive_but_not_added_files(tmp_path):
     "kwargs, message",
     [
         ({"studies": 0}, r"studies=0.*at least one"),
-        ({"fmt": "png"}, r"fmt='png'.*mimic, dicom, chexpert, rsna"),
+        ({"fmt": "png"}, r"fmt='png'.*mimic, chexpert, rsna, dicom"),
         ({"size": 16}, r"size=16.*at least 32"),
         ({"lateral_fraction": 1.5}, r"lateral_fraction=1.5"),
         ({"split_fractions": (0.5, 0.6, 0.1)}, r"split_fractions=.*sum"),
@@ -295,7 +295,7 @@ def test_views_differ_and_the_same_rng_renders_the_same_study():
 
 # ---- findings, reports and labels ---------------------------------------------------------------
 def test_class_mix_is_stratified():
-    plan = synth._plan(400, seed=0, fmt="mimic", lateral_fraction=0.85, fractions=(0.8, 0.1, 0.1))
+    plan = synth.planning.plan_studies(400, seed=0, fmt="mimic", lateral_fraction=0.85, fractions=(0.8, 0.1, 0.1))
     singles = [p.labels[0] for p in plan if len(p.labels) == 1]
     counts = [singles.count(c) for c in CLASSES[1:]]
     assert sum(not p.labels for p in plan) == 80 and max(counts) - min(counts) <= 1 and len(singles) == 220
@@ -304,17 +304,19 @@ def test_class_mix_is_stratified():
 
 
 def test_labels_follow_the_report_sentences():
+    # The value a sentence gives is checked against the sentence's own words (a hedge, a negation)
+    # and each label against the findings that were drawn; labels_from_mentions is never the oracle.
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(300):
         findings = synth.sample_findings(rng)
         report = reports.write_report(findings, rng)
-        assert report.labels == reports.labels_from_mentions(report.mentions)
         for m in report.mentions:
             assert m.text in (report.findings if m.section == "findings" else report.impression)
             hedged = any(cue in m.text.lower() for cue in reports.UNCERTAIN_CUES)
-            for _, value in m.values:
+            for column, value in m.values:
                 seen.add(value)
+                assert report.labels[column] == value, (column, m.text)
                 assert hedged == (value == reports.UNCERTAIN), m.text
                 assert bool(NEGATION.search(m.text)) == (value == reports.NEGATIVE), m.text
         present = {f.label for f in findings}
@@ -323,6 +325,60 @@ def test_labels_follow_the_report_sentences():
         flagged = any(report.labels[c] in (1.0, -1.0) for c in CLASSES[1:])
         assert report.labels["No Finding"] == 1.0 if not flagged else math.isnan(report.labels["No Finding"])
     assert seen == {1.0, 0.0, -1.0}
+
+
+# Written by hand from FORMATS.md and the report conventions: a drawn finding is 1.0, or -1.0 when
+# its sentences hedge; a finding that was not drawn is never 1.0 or -1.0; "No Finding" is 1.0 only
+# for a study with nothing drawn; the observations the generator never draws stay blank or 0.0.
+NEVER_DRAWN = ("Enlarged Cardiomediastinum", "Lung Opacity", "Lung Lesion", "Pleural Other", "Support Devices")
+
+
+@pytest.mark.parametrize("planted, noun", [
+    (synth.Finding("Pneumothorax", "left", "upper", "large", detail=3), "pneumothorax"),
+    (synth.Finding("Cardiomegaly", None, None, "severe", detail=4), "cardiomegaly|cardiac|heart"),
+    (synth.Finding("Pleural Effusion", "right", "lower", "large", detail=5), "effusion"),
+])
+def test_a_planted_finding_gets_its_label(planted, noun):
+    anatomy = synth.sample_anatomy(np.random.default_rng(11))
+    rendered = synth.render_study(anatomy, [planted], size=64, rng=11)
+    assert rendered.findings[0].visible_frontal, "a large/severe finding shows on the frontal view"
+    hedges = 0
+    for seed in range(40):
+        report = reports.write_report(rendered.findings, np.random.default_rng(seed))
+        text = report.text().lower()
+        sentences = [x for x in re.split(r"(?<=\.)\s+|\n", text) if re.search(noun, x)]
+        assert sentences and not any(NEGATION.search(x) for x in sentences), text
+        hedged = any(cue in x for x in sentences for cue in reports.UNCERTAIN_CUES)
+        hedges += hedged
+        expected = {c: (-1.0 if hedged else 1.0) if c == planted.label else "blank or 0.0" for c in CHEXPERT_COLUMNS}
+        expected["No Finding"] = "blank"
+        for column, want in expected.items():
+            got = report.labels[column]
+            if want == "blank":
+                assert math.isnan(got), (column, got, text)
+            elif want == "blank or 0.0":
+                assert math.isnan(got) or got == 0.0, (column, got, text)
+            else:
+                assert got == want, (column, got, text)
+    assert hedges < 40, "a large or severe finding is mostly described without a hedge"
+
+
+def test_label_file_marks_exactly_the_drawn_findings(mimic):
+    root, _ = mimic
+    _, rows = read_csv(root / "mimic-cxr-2.0.0-chexpert.csv")
+    drawn = {r["study_id"]: {f["label"] for f in r["findings"]} for r in truth(root)}
+    assert sorted(drawn) == sorted(r["study_id"] for r in rows)
+    assert any(drawn.values()) and not all(drawn.values()), "the archive has normal and abnormal studies"
+    for row in rows:
+        present = drawn[row["study_id"]]
+        sid = row["subject_id"]
+        text = (root / f"files/p{sid[:2]}/p{sid}/s{row['study_id']}.txt").read_text().lower()
+        for c in CLASSES[1:]:
+            assert (row[c] in ("1.0", "-1.0")) == (c in present), (row["study_id"], c, row[c], present)
+            if row[c] == "-1.0":
+                assert any(cue in text for cue in reports.UNCERTAIN_CUES), (c, text)
+        assert row["No Finding"] == ("" if present else "1.0"), (row["study_id"], present)
+        assert all(row[c] in ("", "0.0") for c in NEVER_DRAWN), row
 
 
 def test_label_files_follow_the_report_files(mimic):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .formats import ArchiveDataset, finish_dataset
-from .io import CsvTable, parse_label, read_header
-from .study import CHEXPERT_COLUMNS, DatasetError, Study
+from .archive import ArchiveDataset, finish_dataset
+from .io import CsvTable, read_header
+from .study import DatasetError, Study
 
 CSV_SPLITS = (("train.csv", "train"), ("valid.csv", "validate"))
 REQUIRED_COLUMNS = ("Path", "Frontal/Lateral")
@@ -60,7 +60,7 @@ def _read_csv(
     col = table.col
     i_path, i_view = col["Path"], col["Frontal/Lateral"]
     i_appa, i_sex, i_age = col.get("AP/PA"), col.get("Sex"), col.get("Age")
-    label_cols = [(name, col[name]) for name in CHEXPERT_COLUMNS if name in col]
+    label_cols = table.label_columns()
     for line, row in table:
         rel = row[i_path].strip().replace("\\", "/")
         parts = rel.split("/")
@@ -77,12 +77,8 @@ def _read_csv(
         except ValueError:
             table.problem(line, f"Age {age_text!r} is not a number; row skipped")
             continue
-        labels: dict[str, float] = {}
-        try:
-            for name, index in label_cols:
-                labels[name] = parse_label(row[index])
-        except ValueError as exc:
-            table.problem(line, f"column {name!r}: {exc}; row skipped")
+        labels = table.labels(line, row, label_cols)
+        if labels is None:
             continue
         image = _image_path(folder, rel)
         if check_files and not image.is_file():

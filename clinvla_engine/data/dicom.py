@@ -14,18 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .formats import ArchiveDataset, finish_dataset
+from .archive import ArchiveDataset, finish_dataset
 from .io import (
     CsvTable,
+    decode_text,
     dicom_refusal,
     is_dicom,
     normalise_split,
-    parse_label,
     read_dicom_header,
     require_pydicom,
     with_progress,
 )
-from .study import CHEXPERT_COLUMNS, DatasetError, Study
+from .study import DatasetError, Study
 
 IMAGE_MODALITIES = frozenset({"CR", "DX"})
 FRONTAL_RANK = {"PA": 0, "AP": 1}  # PA preferred over AP
@@ -95,10 +95,23 @@ def view_of(ds: Any) -> tuple[str, str | None]:
     return "other", None
 
 
-def _collect_text(items: Any, findings: list[str], impression: list[str], other: list[str]) -> None:
+def _text_value(item: Any, source: str, notes: list[str]) -> str:
+    """A TEXT item's value, whitespace collapsed. NUL characters mean UTF-16 bytes stored in the
+    element, which pydicom read one byte per character: the same bytes go to decode_text, the
+    decoder every loader uses for report text (DatasetError if they are not text at all)."""
+    value = _text(item, "TextValue")
+    if "\x00" in value:
+        value, note = decode_text(value.encode("latin-1", "replace"), source)
+        notes.append(note or f"{source}: SR text held NUL characters")
+    return " ".join(value.split())
+
+
+def _collect_text(
+    items: Any, findings: list[str], impression: list[str], other: list[str], source: str, notes: list[str]
+) -> None:
     for item in items or ():
         if _text(item, "ValueType").upper() == "TEXT":
-            body = " ".join(_text(item, "TextValue").split())
+            body = _text_value(item, source, notes)
             names = item.get("ConceptNameCodeSequence")
             meaning = _text(names[0], "CodeMeaning").lower() if names else ""
             code = _text(names[0], "CodeValue") if names else ""
@@ -110,19 +123,21 @@ def _collect_text(items: Any, findings: list[str], impression: list[str], other:
                 else:
                     other.append(body)
         if "ContentSequence" in item:
-            _collect_text(item.ContentSequence, findings, impression, other)
+            _collect_text(item.ContentSequence, findings, impression, other, source, notes)
 
 
-def report_from_sr(ds: Any) -> str | None:
+def report_from_sr(ds: Any, source: str | Path = "SR", notes: list[str] | None = None) -> str | None:
     """"FINDINGS: ...\\nIMPRESSION: ..." from a text SR's TEXT items (nested containers searched).
 
     Either line is left out when its section is absent; an SR with TEXT items but neither section
-    gives those texts joined; an SR with no text gives None.
+    gives those texts joined; an SR with no text gives None. source names the file in notes (how
+    mis-encoded text was read, appended to notes) and in the DatasetError for binary text.
     """
     findings: list[str] = []
     impression: list[str] = []
     other: list[str] = []
-    _collect_text(ds.get("ContentSequence"), findings, impression, other)
+    _collect_text(ds.get("ContentSequence"), findings, impression, other, str(source),
+                  notes if notes is not None else [])
     lines = []
     if findings:
         lines.append("FINDINGS: " + " ".join(findings))
@@ -147,19 +162,15 @@ class _StudyFiles:
 def _read_labels(path: Path, problems: list[str]) -> dict[str, tuple[str | None, dict[str, float], int]]:
     table = CsvTable(path, ("study_id",), problems, fix="labels.csv needs a study_id column (the StudyInstanceUID)")
     i_study, i_split = table.col["study_id"], table.col.get("split")
-    columns = [(name, table.col[name]) for name in CHEXPERT_COLUMNS if name in table.col]
+    columns = table.label_columns()
     rows: dict[str, tuple[str | None, dict[str, float], int]] = {}
     for line, row in table:
         study = row[i_study].strip()
         if not study:
             table.problem(line, "blank study_id; row skipped")
             continue
-        labels: dict[str, float] = {}
-        try:
-            for name, index in columns:
-                labels[name] = parse_label(row[index])
-        except ValueError as exc:
-            table.problem(line, f"column {name!r}: {exc}; row skipped")
+        labels = table.labels(line, row, columns)
+        if labels is None:
             continue
         if study in rows:
             table.problem(line, f"second row for study {study}; the first one is kept")
@@ -216,7 +227,11 @@ def load_dicom_tree(
         if entry is None:
             entry = by_uid[uid] = _StudyFiles()
         if modality == "SR":
-            text = report_from_sr(ds)
+            try:
+                text = report_from_sr(ds, path, problems)
+            except DatasetError as exc:  # binary bytes in a text element
+                problems.append(f"{exc}; SR ignored")
+                continue
             if text is None:
                 problems.append(f"{path}: SR without TEXT content; ignored")
             else:

@@ -8,96 +8,31 @@ Detection looks, in this order, for (see FORMATS.md for the layouts):
     rsna      stage_2_train_labels.csv in the folder
     dicom     any DICOM file in the tree (.dcm/.dicom, or the "DICM" marker at byte 128)
 
-The loaders themselves live in one module per format and are imported only when used, so that
-opening a MIMIC folder never imports pydicom.
+The loaders live in one module per format; none of them imports pydicom until it reads a DICOM
+file, so opening a MIMIC folder never imports it. ArchiveDataset and finish_dataset live in
+archive.py (below the loaders) and are re-exported here.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
-import logging
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import normalise_split
-from .study import DatasetError, Study
+# The loaders import ArchiveDataset and finish_dataset from .archive, never from here: this module
+# sits above them (it dispatches to them), so the imports run one way only.
+from . import chexpert, dicom, mimic, rsna
+from .archive import FORMATS, ArchiveDataset, check_complete, finish_dataset
+from .study import DatasetError
 
-logger = logging.getLogger("clinvla_engine.data")
+__all__ = ["FORMATS", "ArchiveDataset", "detect_format", "finish_dataset", "open_dataset"]
 
-FORMATS = ("mimic", "chexpert", "rsna", "dicom")
-
-# format name -> (module, loader function); the loaders all take (root, **options).
+# format name -> loader function; the loaders all take (root, **options).
 _LOADERS = {
-    "mimic": ("mimic", "load_mimic"),
-    "chexpert": ("chexpert", "load_chexpert"),
-    "rsna": ("rsna", "load_rsna"),
-    "dicom": ("dicom", "load_dicom_tree"),
+    "mimic": mimic.load_mimic,
+    "chexpert": chexpert.load_chexpert,
+    "rsna": rsna.load_rsna,
+    "dicom": dicom.load_dicom_tree,
 }
-
-_PROBLEMS_SHOWN = 3
-
-
-@dataclass
-class ArchiveDataset:
-    """The studies of one archive, in file order, and the problems met while reading it.
-
-    problems are human-readable strings, one per skipped row / file / study (with the file name
-    and line number where there is one), plus a few whole-file notes.
-    """
-
-    root: Path
-    format: str
-    studies: list[Study] = field(repr=False)
-    problems: list[str] = field(default_factory=list, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.studies)
-
-    def __iter__(self) -> Iterator[Study]:
-        return iter(self.studies)
-
-    def __getitem__(self, index: int | slice) -> Any:
-        return self.studies[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"ArchiveDataset(format={self.format!r}, root={str(self.root)!r}, "
-            f"studies={len(self.studies)}, problems={len(self.problems)})"
-        )
-
-    def split(self, name: str) -> list[Study]:
-        """The studies of one split ("train", "validate", "test"; "val"/"valid" also work).
-
-        Studies with no split information count as "train".
-        """
-        wanted = normalise_split(name)
-        return [s for s in self.studies if (s.split or "train") == wanted]
-
-    def split_names(self) -> list[str]:
-        """The splits present, in first-seen order (no split info -> "train")."""
-        return list(dict.fromkeys(s.split or "train" for s in self.studies))
-
-
-def finish_dataset(
-    root: Path, fmt: str, studies: list[Study], problems: list[str], *, empty_fix: str
-) -> ArchiveDataset:
-    """Log the one-line summary, refuse an empty dataset, wrap the studies."""
-    root = Path(root)
-    if problems:
-        shown = "; ".join(problems[:_PROBLEMS_SHOWN])
-        more = f" (+{len(problems) - _PROBLEMS_SHOWN} more)" if len(problems) > _PROBLEMS_SHOWN else ""
-        logger.warning(
-            "%s dataset %s: %d studies loaded, %d problems: %s%s",
-            fmt, root, len(studies), len(problems), shown, more,
-        )
-    else:
-        logger.info("%s dataset %s: %d studies loaded", fmt, root, len(studies))
-    if not studies:
-        detail = f" {len(problems)} problems, first: {'; '.join(problems[:_PROBLEMS_SHOWN])}." if problems else ""
-        raise DatasetError(f"{root}: no usable {fmt} studies found.{detail} {empty_fix}".rstrip())
-    return ArchiveDataset(root=root, format=fmt, studies=studies, problems=problems)
 
 
 def _check_folder(path: str | Path) -> Path:
@@ -106,14 +41,13 @@ def _check_folder(path: str | Path) -> Path:
         raise DatasetError(f"{root}: no such folder; pass the root folder of the dataset")
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file; pass the folder that holds the dataset ({root.parent})")
+    check_complete(root)  # before detection: a stopped generator may not have written the CSVs yet
     return root
 
 
 def detect_format(path: str | Path) -> str:
     """The name of the format whose layout the folder has (see the module docstring)."""
     root = _check_folder(path)
-    from . import chexpert, dicom, mimic, rsna
-
     if mimic.find_metadata(root) is not None:
         return "mimic"
     if chexpert.find_chexpert_dir(root) is not None:
@@ -145,8 +79,7 @@ def open_dataset(path: str | Path, fmt: str | None = None, **options: Any) -> Ar
     name = fmt.strip().lower()
     if name not in _LOADERS:
         raise DatasetError(f"unknown dataset format {fmt!r} for {root}; known formats: {', '.join(FORMATS)}")
-    module_name, function_name = _LOADERS[name]
-    loader = getattr(importlib.import_module(f"{__package__}.{module_name}"), function_name)
+    loader = _LOADERS[name]
     accepted = [p.name for p in inspect.signature(loader).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

@@ -2,9 +2,15 @@
 
 ``load_image(path)`` turns a JPEG, PNG or DICOM file into a float32 (H, W) array in [0, 1], grey,
 with the display conventions a radiologist would see (rescale, VOI LUT / window, MONOCHROME1
-inverted). ``CsvTable`` reads a dataset's CSV file row by row, checks its header once, and turns
-a malformed row into a problem string ("file line N: what is wrong") instead of an exception, so
-that one bad row in a 377k-row file costs one row, not the whole load.
+inverted). Any file it cannot turn into an image raises ``ImageDecodeError`` (path and reason), the
+one exception a training or evaluation loop catches to skip a study; the image size is checked
+against ``MAX_IMAGE_PIXELS`` from the header, before any pixel is decoded, so memory stays bounded
+whatever a file claims. ``read_text_file`` / ``decode_text`` read report text in UTF-8, or say how
+a UTF-16 or Windows-1252 file was read, or refuse a binary one.
+
+``CsvTable`` reads a dataset's CSV file row by row, checks its header once, and turns a malformed
+row into a problem string ("file line N: what is wrong") instead of an exception, so that one bad
+row in a 377k-row file costs one row, not the whole load.
 """
 from __future__ import annotations
 
@@ -17,12 +23,45 @@ from typing import Any, TextIO, TypeVar
 
 import numpy as np
 
-from .study import DatasetError
+from .study import CHEXPERT_COLUMNS, DatasetError
 
 T = TypeVar("T")
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 _PYDICOM_FIX = "install pydicom (pip install 'clinvla-engine[dicom]' or pip install pydicom)"
+
+# The largest image load_image decodes, in pixels: 50 M is over twice the largest chest X-ray
+# detectors (about 4300 x 4300); decoding it takes about 200 MB as float32. Checked against the
+# header before decoding, so a file that claims 60000 x 60000 costs nothing. Raise it (this module
+# attribute) for genuinely larger images.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageDecodeError(DatasetError):
+    """One image file that cannot be decoded: missing, not an image, corrupt, truncated, too large,
+    or a DICOM that is not one grey frame. ``path`` and ``reason`` say which and why.
+
+    It concerns that file only, so a loop over many studies may skip the study and go on; a
+    problem with the environment (pydicom not installed) is a plain DatasetError instead.
+    """
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # DataLoader workers pickle the exception back to the main process
+        return (type(self), (self.path, self.reason))
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError(
+            path,
+            f"image claims {width} x {height} pixels ({width * height:,}), over the limit of "
+            f"{MAX_IMAGE_PIXELS:,}; not decoded. If the image is genuine, raise "
+            "clinvla_engine.data.io.MAX_IMAGE_PIXELS",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,17 +140,23 @@ def _load_dicom(path: Path) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path)
+        # large elements (the pixel data) stay on disk until used: the size check below comes first
+        ds = pydicom.dcmread(path, defer_size="1 MB")
     except InvalidDicomError as exc:
-        raise DatasetError(f"{path}: not a DICOM Part 10 file (no 'DICM' marker at byte 128): {exc}") from None
-    except Exception as exc:
-        raise DatasetError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+        raise ImageDecodeError(path, f"not a DICOM Part 10 file (no 'DICM' marker at byte 128): {exc}") from None
+    except Exception as exc:  # truncated or corrupt: pydicom raises many kinds
+        raise ImageDecodeError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from None
     refusal = dicom_refusal(ds)
     if refusal:
-        raise DatasetError(f"{path}: {refusal}")
+        raise ImageDecodeError(path, refusal)
     if "PixelData" not in ds:
         modality = ds.get("Modality", "?")
-        raise DatasetError(f"{path}: DICOM file has no pixel data (Modality {modality}); it is not an image")
+        raise ImageDecodeError(path, f"DICOM file has no pixel data (Modality {modality}); it is not an image")
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(path, f"invalid Rows / Columns in the DICOM header ({exc})") from None
+    _check_pixels(path, columns, rows)
     try:
         stored = ds.pixel_array
     except Exception as exc:
@@ -123,13 +168,13 @@ def _load_dicom(path: Path) -> np.ndarray:
             if getattr(syntax, "is_compressed", False)
             else "; the file may be truncated"
         )
-        raise DatasetError(f"{path}: cannot decode the pixel data (transfer syntax {name}): {exc}{fix}") from None
+        raise ImageDecodeError(path, f"cannot decode the pixel data (transfer syntax {name}): {exc}{fix}") from None
     if stored.ndim != 2:
-        raise DatasetError(f"{path}: expected one 2-D grey frame, got pixel array of shape {stored.shape}")
+        raise ImageDecodeError(path, f"expected one 2-D grey frame, got pixel array of shape {stored.shape}")
     try:
         return dicom_to_unit(stored, ds)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise DatasetError(f"{path}: invalid rescale / VOI LUT / window attributes ({exc})") from None
+        raise ImageDecodeError(path, f"invalid rescale / VOI LUT / window attributes ({exc})") from None
 
 
 def dicom_to_unit(stored: np.ndarray, ds: Any) -> np.ndarray:
@@ -182,7 +227,8 @@ def _load_raster(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            _check_pixels(path, *img.size)
             img.load()  # decode now so a truncated file fails here, with its name
             mode = img.mode
             if mode == "L":
@@ -197,28 +243,125 @@ def _load_raster(path: Path) -> np.ndarray:
                 return (values - low) / (high - low) if high > low else np.zeros_like(values)
             grey = img.convert("L")  # RGB, RGBA, P, LA, 1, CMYK...: ITU-R 601 luma
             return np.asarray(grey, dtype=np.float32) / 255.0
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError:
-        raise DatasetError(f"{path}: not a readable image (neither DICOM nor a format PIL can open)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise ImageDecodeError(path, "not a readable image (neither DICOM nor a format PIL can open)") from None
+    except Image.DecompressionBombError as exc:  # PIL's own check, at twice its limit, fires in open()
+        raise ImageDecodeError(
+            path, f"image too large to decode ({exc}); not decoded. If the image is genuine, raise "
+            "clinvla_engine.data.io.MAX_IMAGE_PIXELS and PIL.Image.MAX_IMAGE_PIXELS"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+    except Exception as exc:  # Pillow's decoders raise many other kinds on malformed input
+        raise ImageDecodeError(path, f"undecodable image ({type(exc).__name__}: {exc})") from None
 
 
 def load_image(path: str | Path) -> np.ndarray:
     """Decode a JPEG, PNG or DICOM chest X-ray into float32 (H, W) grey in [0, 1].
 
-    Raises DatasetError naming the path and what is wrong (missing, not an image, corrupt,
-    multi-frame or colour DICOM, compressed DICOM without a decoder).
+    Raises ImageDecodeError (a DatasetError) naming the path and what is wrong: missing, a
+    folder, empty, not an image, corrupt or truncated, larger than MAX_IMAGE_PIXELS, multi-frame
+    or colour DICOM, compressed DICOM without a decoder. DatasetError alone means the environment
+    cannot read DICOM at all (pydicom missing).
     """
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"{path}: no such file")
+        raise ImageDecodeError(path, "no such file")
     if path.is_dir():
-        raise DatasetError(f"{path}: is a folder, not an image file")
+        raise ImageDecodeError(path, "is a folder, not an image file")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(path, "empty file (0 bytes); the copy or download was probably cut short")
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read the file ({exc})") from None
     if is_dicom(path):
         image = _load_dicom(path)
     else:
         image = _load_raster(path)
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: reports (and the encoding sniffing CSV reading shares)
+# ---------------------------------------------------------------------------------------------
+# Byte-order marks, longest first (the UTF-32 LE mark begins with the UTF-16 LE one).
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "utf-32", "UTF-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig", None),  # UTF-8 with a BOM is plain UTF-8: no note
+    (b"\xff\xfe", "utf-16", "UTF-16"),
+    (b"\xfe\xff", "utf-16", "UTF-16"),
+)
+MAX_REPORT_BYTES = 1 << 20  # a radiology report is a few kB; anything over 1 MiB is not one
+_REPORT_FIX = "save it as UTF-8 text"
+
+
+def sniff_bom(head: bytes) -> tuple[str, str | None] | None:
+    """(Python codec, name for a note or None) for text that starts with a byte-order mark."""
+    for bom, codec, name in _BOMS:
+        if head.startswith(bom):
+            return codec, name
+    return None
+
+
+def decode_text(data: bytes, path: str | Path) -> tuple[str, str | None]:
+    """The bytes of a text file -> (text, note); note is None for UTF-8, else how it was read.
+
+    UTF-8 (with or without BOM) is read as is. A UTF-16 or UTF-32 byte-order mark is obeyed. NUL
+    bytes without a mark are UTF-16 when they fall on every other byte (text in UTF-16 without a
+    BOM) and otherwise mean a binary file: refused with DatasetError naming the path. Bytes that are
+    not valid UTF-8 are read as Windows-1252 (cp1252; the five bytes it leaves undefined as
+    Latin-1), where such reports come from; the note says so, since a wrong guess misreads a few
+    accented characters, not the structure of the report.
+    """
+    path = Path(path)
+    marked = sniff_bom(data[:4])
+    if marked is not None:
+        codec, name = marked
+        try:
+            text = data.decode(codec)
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: starts with a {name or 'UTF-8'} byte-order mark but is not valid "
+                               f"{name or 'UTF-8'} ({exc}); {_REPORT_FIX}") from None
+        return text, (None if name is None else f"{path}: text is {name} (byte-order mark); decoded as {name}")
+    if b"\x00" in data:
+        even, odd = data[0::2].count(0), data[1::2].count(0)
+        pairs = max(1, len(data) // 2)
+        codec = "utf-16-le" if odd > 0.3 * pairs and even == 0 else "utf-16-be" if even > 0.3 * pairs and odd == 0 \
+            else None
+        if codec == "utf-16-le" and len(data) % 2:
+            data += b"\x00"  # the high byte of the last character, dropped as padding (DICOM, C strings)
+        if codec is not None:
+            try:
+                return data.decode(codec), f"{path}: text is UTF-16 without a byte-order mark; decoded as {codec}"
+            except UnicodeDecodeError:
+                pass
+        raise DatasetError(f"{path}: holds NUL bytes, so it is binary, not report text; {_REPORT_FIX}")
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        where = f"byte {exc.start} (0x{data[exc.start]:02x})"
+    try:
+        text, codec = data.decode("cp1252"), "Windows-1252 (cp1252)"
+    except UnicodeDecodeError:
+        text, codec = data.decode("latin-1"), "Latin-1"
+    return text, f"{path}: text is not UTF-8 (first bad {where}); decoded as {codec}; {_REPORT_FIX}"
+
+
+def read_text_file(path: str | Path) -> tuple[str, str | None]:
+    """Read a report file with decode_text: (text, note), with \\r\\n and \\r turned into \\n as
+    open() in text mode does (section headers are matched at line ends). DatasetError for a file
+    too large to be a report or one that is binary; OSError (FileNotFoundError included) passes
+    through."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_REPORT_BYTES + 1)
+    if len(data) > MAX_REPORT_BYTES:
+        raise DatasetError(f"{path}: over {MAX_REPORT_BYTES:,} bytes, too large to be a report; not read")
+    text, note = decode_text(data, path)
+    return text.replace("\r\n", "\n").replace("\r", "\n"), note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,10 +376,22 @@ def find_file(folder: Path, name: str) -> Path | None:
 
 
 def open_text(path: Path) -> TextIO:
-    """Open a .csv or .csv.gz for csv reading (UTF-8 with or without BOM; bad bytes replaced)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
-    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+    """Open a .csv or .csv.gz for csv reading: UTF-8 (with or without BOM; bad bytes replaced, as
+    the cells that matter are ASCII ids and labels), or UTF-16/32 where a byte-order mark says so.
+    A file whose start holds NUL bytes without a mark is refused (DatasetError): it is binary or
+    BOM-less UTF-16, and read as UTF-8 its header would silently not match."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096)
+    except (OSError, EOFError, zlib.error):
+        head = b""  # damaged or short: the reading below reports it where it is found, as before
+    marked = sniff_bom(head[:4])
+    if marked is None and b"\x00" in head:
+        raise DatasetError(f"{path}: holds NUL bytes (binary, or UTF-16 without a byte-order mark); save it as "
+                           "UTF-8 CSV")
+    encoding = marked[0] if marked else "utf-8-sig"
+    return opener(path, "rt", encoding=encoding, errors="replace", newline="")
 
 
 def read_header(path: Path) -> list[str] | None:
@@ -244,7 +399,7 @@ def read_header(path: Path) -> list[str] | None:
     try:
         with open_text(path) as f:
             return [name.strip() for name in next(csv.reader(f), [])]
-    except (OSError, EOFError, zlib.error, csv.Error, UnicodeError):
+    except (OSError, EOFError, zlib.error, csv.Error, UnicodeError, DatasetError):
         return None
 
 
@@ -276,6 +431,22 @@ class CsvTable:
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(f"{self.path.name} line {line}: {message}")
+
+    def label_columns(self) -> list[tuple[str, int]]:
+        """(CheXpert column, index) for every CheXpert observation this file has a column for."""
+        return [(name, self.col[name]) for name in CHEXPERT_COLUMNS if name in self.col]
+
+    def labels(self, line: int, row: list[str], columns: Sequence[tuple[str, int]]) -> dict[str, float] | None:
+        """The row's label cells (see parse_label), or None after recording a problem for the first
+        cell that is not 1, 0, -1 or blank (the caller skips the row)."""
+        values: dict[str, float] = {}
+        for name, index in columns:
+            try:
+                values[name] = parse_label(row[index])
+            except ValueError as exc:
+                self.problem(line, f"column {name!r}: {exc}; row skipped")
+                return None
+        return values
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
         width = len(self.columns)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .formats import ArchiveDataset, finish_dataset
-from .io import CsvTable, find_file, normalise_split, parse_label, with_progress
-from .study import CHEXPERT_COLUMNS, DatasetError, Study
+from .archive import ArchiveDataset, finish_dataset
+from .io import CsvTable, find_file, normalise_split, read_text_file, with_progress
+from .study import DatasetError, Study
 
 FRONTAL_RANK = {"PA": 0, "AP": 1}  # PA preferred over AP
 LATERAL_VIEWS = frozenset({"LATERAL", "LL"})
@@ -166,19 +166,15 @@ def _read_metadata(path: Path, files: str, check_files: bool, problems: list[str
 def _read_labels(path: Path, problems: list[str]) -> dict[str, dict[str, float]]:
     table = CsvTable(path, ("study_id",), problems, fix="it must be MIMIC-CXR-JPG's chexpert label file")
     i_study = table.col["study_id"]
-    columns = [(name, table.col[name]) for name in CHEXPERT_COLUMNS if name in table.col]
+    columns = table.label_columns()
     labels: dict[str, dict[str, float]] = {}
     for line, row in table:
         study = row[i_study].strip()
         if not study.isdigit():
             table.problem(line, f"study_id {study!r} is not a number; row skipped")
             continue
-        values: dict[str, float] = {}
-        try:
-            for name, index in columns:
-                values[name] = parse_label(row[index])
-        except ValueError as exc:
-            table.problem(line, f"column {name!r}: {exc}; row skipped")
+        values = table.labels(line, row, columns)
+        if values is None:
             continue
         if study in labels:
             table.problem(line, f"second label row for study {study}; the first one is kept")
@@ -267,12 +263,17 @@ def load_mimic(
         if read_reports:
             report_path = f"{reports_base}/p{subject[:2]}/p{subject}/s{study_id}.txt"
             try:
-                with open(report_path, encoding="utf-8", errors="replace") as f:
-                    report = parse_report(f.read())
+                text, note = read_text_file(report_path)
             except FileNotFoundError:
                 missing_reports.append(report_path)
             except OSError as exc:
                 problems.append(f"{report_path}: unreadable report ({exc}); study kept without report")
+            except DatasetError as exc:  # binary or oversized: the text cannot be trusted
+                problems.append(f"{exc}; study kept without report")
+            else:
+                if note:
+                    problems.append(note)
+                report = parse_report(text)
         studies.append(
             Study(
                 study_id=study_id,

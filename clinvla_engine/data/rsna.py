@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .formats import ArchiveDataset, finish_dataset
+from .archive import ArchiveDataset, finish_dataset
 from .io import CsvTable
 from .study import DatasetError, Study
 
