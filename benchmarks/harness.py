@@ -13,6 +13,11 @@ Usage::
         case.run("loop fp32", loop_fn, baseline=True)
         case.run("kernel bf16", kernel_fn)
     bench.finish()
+
+The same scripts also run under pytest-benchmark (``pytest benchmarks --benchmark-only``): a
+``Driver`` runs a script's ``main()`` in a worker thread and hands each ``case.run`` to the pytest
+test of that (case, variant), which times it with the ``benchmark`` fixture; the harness's
+baseline ratio and hardware floor go into the test's ``extra_info``. See benchmarks/conftest.py.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import queue
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -111,8 +118,15 @@ class Case:
         bench = self._bench
         repeat = repeat if repeat is not None else bench.repeat
         min_time_s = min_time_s if min_time_s is not None else bench.min_time_s
+        driver = Driver.active
+        if driver is not None and driver.listing:
+            driver.listed.append(RunKey(bench.name, self.name, variant, baseline))
+            return None  # scripts already treat None as "this variant did not run"
         try:
-            times, peak = _measure(fn, self.device, warmup, repeat, min_time_s)
+            if driver is not None:
+                times, peak = driver.handoff(self, variant, fn, baseline, warmup, repeat, min_time_s)
+            else:
+                times, peak = _measure(fn, self.device, warmup, repeat, min_time_s)
         except Exception as exc:  # a variant that fails (OOM, unsupported) is reported, not fatal
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             print(f"  {self.name} | {variant}: FAILED {msg}")
@@ -192,14 +206,14 @@ class Bench:
     def finish(self) -> Path:
         """Writes JSON and Markdown, prints the table, returns the JSON path."""
         self.finished = True
+        path = self.outdir / f"{self.name}.json"
+        if Driver.active is not None and Driver.active.listing:
+            return path  # a listing pass timed nothing: never overwrite real results with it
         self.outdir.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
-        path = self.outdir / f"{self.name}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        _write_atomic(path, json.dumps(data, indent=2))
         md = render_markdown(data)
-        (self.outdir / f"{self.name}.md").write_text(md)
+        _write_atomic(self.outdir / f"{self.name}.md", md)
         print(md)
         return path
 
@@ -218,6 +232,173 @@ def run_main(main: Callable[[], None]) -> None:
             bench.params["interrupted"] = True
             bench.finish()
         sys.exit(130)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes to a unique temporary name beside `path`, then renames it into place."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- pytest-benchmark: the same cases, timed by the `benchmark` fixture --------------------------
+@dataclass(frozen=True)
+class RunKey:
+    """One timed row of a bench script: what a pytest-benchmark test is named after."""
+    bench: str
+    case: str
+    variant: str
+    baseline: bool
+
+    @property
+    def test_id(self) -> str:
+        return f"{self.bench}|{self.case}|{self.variant}"
+
+
+@dataclass
+class Request:
+    """A `case.run` waiting in the script's thread until a pytest test has timed it."""
+    key: RunKey
+    fn: Callable[[], object]
+    case: Case
+    warmup: int
+    repeat: int
+    done: threading.Event = field(default_factory=threading.Event)
+    times_ms: list | None = None
+    error: BaseException | None = None
+
+
+class Driver:
+    """Runs a bench script's main() and hands each of its `case.run` calls to a caller.
+
+    ``Driver.listing(main, argv)`` runs the script without timing anything and returns the
+    RunKeys it would time, in order (pytest parametrises its tests with them). ``Driver(main,
+    argv).start()`` runs it in a worker thread; each ``case.run`` becomes a Request that
+    ``next_request(key)`` returns to the test of that key, which times ``request.fn`` and calls
+    ``finish``; the script then builds its row from those times as usual, so the script's own
+    JSON, Markdown and ratios are unchanged. Requests no test asks for are timed by the harness
+    itself. Because the script waits at each ``case.run``, its closures, memory and device state
+    are exactly those of a plain run (nothing is collected ahead and run later).
+    """
+
+    active: "Driver | None" = None
+
+    def __init__(self, main: Callable[[], None], argv: list[str]):
+        self.main = main
+        self.argv = list(argv)
+        self.listing = False
+        self.listed: list[RunKey] = []
+        self._requests: "queue.Queue[Request | None]" = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+
+    @classmethod
+    def list_runs(cls, main: Callable[[], None], argv: list[str]) -> list[RunKey]:
+        drv = cls(main, argv)
+        drv.listing = True
+        with drv._installed():
+            main()
+        return drv.listed
+
+    def _installed(self):
+        drv = self
+
+        @contextmanager
+        def cm():
+            if Driver.active is not None:
+                raise RuntimeError("one bench script at a time: another Driver is active")
+            saved = sys.argv
+            Driver.active, sys.argv = drv, [drv.main.__module__] + drv.argv
+            try:
+                yield
+            finally:
+                Driver.active, sys.argv = None, saved
+
+        return cm()
+
+    def start(self) -> "Driver":
+        def work():
+            try:
+                with self._installed():
+                    self.main()
+            except BaseException as exc:  # reported to the waiting test, never swallowed
+                self.error = exc
+            finally:
+                self.finished = True
+                self._requests.put(None)
+
+        self._thread = threading.Thread(target=work, name=f"bench-{self.main.__module__}", daemon=True)
+        self._thread.start()
+        return self
+
+    def handoff(self, case: Case, variant: str, fn, baseline: bool, warmup: int, repeat: int,
+                min_time_s: float) -> tuple[list[float], float | None]:
+        """Called in the script's thread by Case.run: waits until a test has timed fn."""
+        req = Request(RunKey(case._bench.name, case.name, variant, baseline), fn, case, warmup, repeat)
+        self._requests.put(req)
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        if req.times_ms is None:  # no test asked for it: timed here, as in a plain run
+            return _measure(fn, case.device, warmup, repeat, min_time_s)
+        return req.times_ms, None
+
+    def next_request(self, key: RunKey) -> Request | None:
+        """The request for `key`; earlier requests no test wants are released to the harness."""
+        while True:
+            req = self._requests.get()
+            if req is None:
+                self._requests.put(None)  # stays finished for later callers
+                return None
+            if req.key == key:
+                return req
+            req.done.set()  # not asked for by this test: the harness times it
+
+    def close(self, timeout: float = 600.0) -> None:
+        """Lets the script run to its end (timing leftovers itself) and re-raises its error."""
+        if self._thread is None:
+            return
+        while not self.finished or not self._requests.empty():
+            try:
+                req = self._requests.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    break
+                continue
+            if req is not None:
+                req.done.set()
+        self._thread.join(timeout)
+        if self.error is not None and not isinstance(self.error, SystemExit):
+            raise self.error
+
+
+def floor_and_ratio(case: Case, median_ms: float) -> dict:
+    """The harness's ratios for one timing, as pytest-benchmark extra_info."""
+    info: dict = {"case": case.name}
+    base = next((r for r in case.rows if r.baseline and r.median_ms == r.median_ms), None)
+    if base is not None and median_ms > 0:
+        info["baseline_variant"] = base.variant
+        info["speedup_vs_baseline"] = base.median_ms / median_ms
+    if case.floor_ms:
+        info["floor_ms"] = case.floor_ms
+        info["x_floor"] = median_ms / case.floor_ms
+        if case.floor_note:
+            info["floor_note"] = case.floor_note
+    if case.flops:
+        info["TFLOP/s"] = case.flops / (median_ms * 1e-3) / 1e12
+    if case.bytes_moved:
+        info["GB/s"] = case.bytes_moved / (median_ms * 1e-3) / 1e9
+    return info
 
 
 def render_markdown(data: dict) -> str:
@@ -359,7 +540,7 @@ def render_results(results_dirs: list[Path], out: Path = RESULTS_MD) -> None:
                   "on a GPU for this repository so far.", ""]
     for (_, _), data in sorted(files.items()):
         parts.append(render_markdown(data))
-    out.write_text("\n".join(parts))
+    _write_atomic(out, "\n".join(parts))
     print(f"wrote {out}")
 
 

@@ -68,3 +68,70 @@ def test_results_md_says_when_there_is_no_gpu_figure(tmp_path, monkeypatch):
     text = out.read_text()
     assert "No GPU results yet" not in text
     assert text.count("### unit") == 2 and "on NVIDIA H200" in text
+
+
+def _toy_script(tmp_path, calls):
+    """A bench script whose closures bind late: a collect-now, run-later design would time the
+    wrong variant; the Driver pauses the script at each case.run, so each fn sees its own n."""
+    def main():
+        import argparse
+
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--out")
+        args = ap.parse_args()
+        bench = Bench("toy", args.out, repeat=3)
+        with bench.case("sleeps", floor_ms=1.0) as case:
+            for n in (1, 2, 3):
+                case.run(f"v{n}", lambda: calls.append(n), baseline=n == 1, warmup=0)
+        bench.finish()
+
+    return main
+
+
+def test_driver_lists_the_rows_without_running_them(tmp_path):
+    calls = []
+    keys = harness.Driver.list_runs(_toy_script(tmp_path, calls), ["--out", str(tmp_path)])
+    assert [(k.case, k.variant, k.baseline) for k in keys] == [
+        ("sleeps", "v1", True), ("sleeps", "v2", False), ("sleeps", "v3", False)]
+    assert calls == []  # listing times nothing
+    assert not (tmp_path / "toy.json").exists()  # and nothing written over real results
+
+
+def test_driver_hands_each_row_to_its_caller_with_the_script_paused(tmp_path):
+    calls = []
+    main = _toy_script(tmp_path, calls)
+    keys = harness.Driver.list_runs(main, ["--out", str(tmp_path)])
+    drv = harness.Driver(main, ["--out", str(tmp_path)]).start()
+    req = drv.next_request(keys[0])
+    req.fn()
+    assert calls == [1]
+    req.times_ms = [4.0, 5.0, 6.0]
+    req.done.set()
+    # keys[1] is not asked for: the harness times it itself; keys[2] is handed over
+    req = drv.next_request(keys[2])
+    assert calls[-1] == 2 and len(calls) >= 2  # v2 was timed by the harness, with its own n
+    calls.clear()
+    req.fn()
+    assert calls == [3]
+    info = harness.floor_and_ratio(req.case, 2.5)
+    assert info["baseline_variant"] == "v1" and info["speedup_vs_baseline"] == pytest.approx(5.0 / 2.5)
+    assert info["x_floor"] == pytest.approx(2.5)
+    req.times_ms = [2.0, 2.5, 3.0]
+    req.done.set()
+    drv.close()
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "toy.json").read_text())["cases"][0]["rows"]}
+    assert rows["v1"]["median_ms"] == 5.0 and rows["v3"]["median_ms"] == 2.5
+    assert rows["v3"]["speedup"] == pytest.approx(2.0)
+
+
+def test_driver_reports_a_failure_of_the_test_as_the_rows_note(tmp_path):
+    calls = []
+    main = _toy_script(tmp_path, calls)
+    keys = harness.Driver.list_runs(main, ["--out", str(tmp_path)])
+    drv = harness.Driver(main, ["--out", str(tmp_path)]).start()
+    req = drv.next_request(keys[0])
+    req.error = RuntimeError("out of memory at v1")
+    req.done.set()
+    drv.close()
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "toy.json").read_text())["cases"][0]["rows"]}
+    assert "out of memory at v1" in rows["v1"]["note"] and rows["v1"]["median_ms"] != rows["v1"]["median_ms"]
