@@ -174,7 +174,9 @@ def test_bundle_manifest_and_build_time_parity(bundles, backend):
     assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in m["files"].values())
     for name, g in m["graphs"].items():
         assert [t["name"] for t in g["outputs"]] == (["image_emb", "regions"] if name == "image" else ["text_emb", "words"])
+    assert m["complete"] is True  # a kept candidate is a finished bundle of its own
     p = m["parity"]
+    assert p["data"] == {"source": "synthetic", "studies": 24, "seed": 0, "format": "mimic"}
     assert p["passed"], p["failures"]
     assert all(s["cos_min"] >= COS["fp32"] for s in p["outputs"].values())
     assert p["retrieval"]["text_to_image"] >= 0.95 and p["retrieval"]["image_to_text"] >= 0.95
@@ -221,6 +223,61 @@ def test_cli_builds_an_onnxruntime_engine(tmp_path, bundles, capsys):
     assert rc == 2 and "--force" in capsys.readouterr().err
 
 
+# ---- the user's own studies: parity and calibration -------------------------------------------------
+@pytest.fixture(scope="module")
+def user_studies(tmp_path_factory):
+    """A folder of studies as a hospital would give it (here a small MIMIC-CXR-JPG-style archive)."""
+    from clinvla_engine.data.synth import generate_archive
+
+    root = tmp_path_factory.mktemp("user") / "studies"
+    generate_archive(root, 6, 11, fmt="mimic", size=64, progress=False)
+    return root
+
+
+def test_compare_on_the_users_studies(bundles, user_studies, capsys):
+    rc = engine_main(["compare", str(bundles["checkpoint"]), str(bundles["onnxruntime"]), "--data", str(user_studies),
+                      "--studies", "5", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["data"] == {"source": "user", "path": str(user_studies.resolve()), "format": "mimic", "studies": 5}
+    assert report["retrieval"]["studies"] == 5 and report["passed"]
+
+
+def test_calibration_feeds_are_the_users_studies_preprocessed(bundles, user_studies, model):
+    """FP8 calibration reads the studies given (images as the runtime preprocesses them, reports as
+    it tokenises them) instead of random inputs; the activation ranges come from those."""
+    from clinvla_engine.data import open_dataset
+    from clinvla_engine.data.io import load_image
+    from clinvla_engine.data.transforms import preprocess
+    from clinvla_engine.export.context import BuildContext, Progress
+    from clinvla_engine.export.quantize import calibrate
+    from clinvla_engine.export.studies import open_user_studies
+
+    studies, record = open_user_studies(user_studies, 0, "--calibration")
+    assert record == {"source": "user", "path": str(user_studies.resolve()), "format": "mimic", "studies": 6}
+    def fp8_context(calibration):
+        return BuildContext(model=model, device=torch.device("cpu"), precision="fp8", batch_sizes=[1, 4],
+                            max_text_len=48, out=bundles["onnxruntime"], progress=Progress(False),
+                            calibration=calibration)
+
+    ctx = fp8_context(studies)
+    image_feeds, text_feeds = ctx.calibration_feeds("image"), ctx.calibration_feeds("text")
+    assert [len(f["frontal"]) for f in image_feeds] == [6]  # one batch of up to 8
+    v = model.config.vision
+    first = list(open_dataset(user_studies))[0]
+    np.testing.assert_array_equal(image_feeds[0]["frontal"][0],
+                                  preprocess(load_image(first.frontal), v.image_size, v.pixel_mean, v.pixel_std).numpy())
+    present = image_feeds[0]["lateral_present"]
+    assert present.tolist() == [float(s.lateral is not None) for s in studies]
+    assert sum(len(f["input_ids"]) for f in text_feeds) == sum(1 for s in studies if s.report)
+    random_ctx = fp8_context(None)
+    fp32 = onnx.load(str(bundles["onnxruntime"] / "image.onnx"))
+    from_users, from_random = calibrate(fp32, image_feeds), calibrate(fp32, random_ctx.calibration_feeds("image"))
+    assert set(from_users) == set(from_random) and all(a > 0 for a in from_users.values())
+    assert from_users != from_random
+
+
 # ---- refused inputs ------------------------------------------------------------------------------
 class _Evil:
     def __reduce__(self):
@@ -253,9 +310,12 @@ def test_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     assert "not a ClinVLA config" in capsys.readouterr().err
 
 
-def test_refuses_impossible_builds(bundles, tmp_path, capsys):
+def test_refuses_impossible_builds(bundles, user_studies, tmp_path, capsys):
     ck = str(bundles["checkpoint"])
     cases = [
+        (["--calibration", str(user_studies)], "--calibration applies to --precision fp8 only"),
+        (["--parity-data", str(user_studies), "--parity-studies", "0"], "--parity-studies 0 turns the study check off"),
+        (["--parity-data", str(tmp_path / "nowhere")], f"--parity-data {tmp_path / 'nowhere'}: no such folder"),
         (["--backend", "tensorrt", "--device", "cpu"], "GPU engines only"),
         (["--backend", "onnxruntime", "--device", "cpu", "--precision", "fp8"], "fp8"),
         (["--backend", "aoti", "--device", "cpu", "--precision", "fp16"], "fp16 on the CPU"),
@@ -289,7 +349,7 @@ def test_probe_reports_a_crash_as_a_signal(monkeypatch):
 
 def test_probe_loads_and_runs_a_real_package(bundles):
     from clinvla_engine.runtime import aoti_probe
-    from clinvla_engine.runtime.engine import probe_inputs
+    from clinvla_engine.runtime.aoti_probe import probe_inputs
 
     m = json.loads((bundles["aoti"] / "manifest.json").read_text())
     r = aoti_probe.probe(str(bundles["aoti"] / "text.pt2"), None, "cpu", probe_inputs(m, "text", batch=2))

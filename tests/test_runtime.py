@@ -196,12 +196,12 @@ def test_refuses_a_bundle_with_one_byte_changed(bundles, tmp_path, backend):
     raw = bytearray(original)
     raw[len(raw) // 3] ^= 0x20
     target.write_bytes(bytes(raw))
-    with pytest.raises(BundleError, match=f"{target.name} does not match its SHA-256"):
+    with pytest.raises(BundleError, match=f"{target.name} does not match its size and SHA-256"):
         Engine.load(d)
     target.write_bytes(original)
     Engine.load(d).close()  # restored: loads again
     (d / "tokenizer" / "vocab.txt").unlink()
-    with pytest.raises(BundleError, match="tokenizer/vocab.txt is missing"):
+    with pytest.raises(BundleError, match="tokenizer/vocab.txt is listed in manifest.json but missing"):
         Engine.load(d)
 
 
@@ -225,13 +225,13 @@ def test_refuses_what_is_not_a_bundle(tmp_path, bundles):
         Engine.load(tmp_path / "empty")
     d = _copy(bundles, "onnxruntime", tmp_path)
     (d / "manifest.json").write_text("{not json")
-    with pytest.raises(BundleError, match="not valid JSON"):
+    with pytest.raises(BundleError, match="not valid UTF-8 JSON"):
         Engine.load(d)
     d = _copy(bundles, "aoti", tmp_path / "x")
     m = json.loads((d / "manifest.json").read_text())
     m["files"]["../../etc/passwd"] = {"bytes": 1, "sha256": "0" * 64}
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="outside the bundle"):
+    with pytest.raises(BundleError, match="not a plain relative path inside the bundle"):
         Engine.load(d)
 
 
@@ -239,6 +239,91 @@ def test_refuses_what_is_not_a_bundle(tmp_path, bundles):
 def test_a_cpu_aoti_bundle_does_not_run_on_cuda(bundles):
     with pytest.raises(BundleError, match="compiled for cpu"):
         Engine.load(bundles["aoti"], device="cuda")
+
+
+# ---- AOTInductor under CUDA graphs (issue 9, item 6) ---------------------------------------------
+def _record_aoti_loads(monkeypatch):
+    """Replaces torch._inductor.aoti_load_package with a recorder of the same signature."""
+    import torch._inductor
+
+    calls = []
+
+    class Loaded:
+        def __call__(self, *xs):
+            raise AssertionError("not run in this test")
+
+    def fake(path, run_single_threaded: bool = False, device_index: int = -1):
+        calls.append({"path": str(path), "run_single_threaded": run_single_threaded, "device_index": device_index})
+        return Loaded()
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake)
+    return calls
+
+
+@pytest.mark.parametrize("device,cuda_graphs,single", [("cuda:0", True, True), ("cuda:0", False, False),
+                                                        ("cpu", True, False)])
+def test_aoti_runner_loads_single_threaded_when_cuda_graphs_capture(monkeypatch, tmp_path, device, cuda_graphs,
+                                                                    single):
+    """Without run_single_threaded=True the AOTI container queries CUDA events inside the capture,
+    the capture fails and every call runs eagerly; with it, the runner can replay graphs."""
+    from clinvla_engine.runtime.runners import AotiRunner
+
+    calls = _record_aoti_loads(monkeypatch)
+    manifest = {"graphs": {"image": {"file": "image.pt2"}, "text": {"file": "text.pt2"}}}
+    runner = AotiRunner(tmp_path, manifest, torch.device(device), cuda_graphs=cuda_graphs)
+    assert [c["path"].rsplit("/", 1)[-1] for c in calls] == ["image.pt2", "text.pt2"]
+    assert all(c["run_single_threaded"] is single for c in calls), calls
+    assert all(c["device_index"] == (0 if device == "cuda:0" else -1) for c in calls), calls
+    assert runner.static_shapes is single and all(g.enabled is single for g in runner.calls.values())
+
+
+def test_aoti_runner_turns_cuda_graphs_off_when_torch_lacks_single_threaded(monkeypatch, tmp_path):
+    import torch._inductor
+
+    from clinvla_engine.runtime.runners import AotiRunner
+
+    seen = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path, device_index=-1: seen.append(path) or object())
+    runner = AotiRunner(tmp_path, {"graphs": {"text": {"file": "text.pt2"}}}, torch.device("cuda:0"))
+    assert len(seen) == 1 and not runner.static_shapes
+    assert any("run_single_threaded" in n for n in runner.notes)
+
+
+def test_a_real_aoti_package_loaded_single_threaded_computes_the_same(bundles):
+    """The kwarg on this torch's real loader (CPU): the single-threaded container gives the same
+    outputs as the default one, so turning it on under CUDA graphs changes nothing but the capture."""
+    from clinvla_engine.export.graphs import example_inputs
+    from clinvla_engine.runtime.runners import load_aoti_package
+
+    path = bundles["aoti"] / "text.pt2"
+    ids, mask = example_inputs(tiny_model(), "text", batch=3, seed=5, max_tokens=48)
+    plain = load_aoti_package(path, torch.device("cpu"))(ids, mask)
+    single = load_aoti_package(path, torch.device("cpu"), single_threaded=True)(ids, mask)
+    for a, b in zip(plain, single):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+# ---- structure: the runtime stands alone ----------------------------------------------------------
+def test_the_runtime_imports_neither_the_builder_nor_itself_in_a_cycle():
+    """A deployment ships the runtime without export/; and runners must not reach back into engine."""
+    import ast
+    from pathlib import Path
+
+    import clinvla_engine.runtime as rt
+
+    imports = {}
+    for path in Path(rt.__file__).parent.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        imports[path.stem] = names
+    for module, names in imports.items():
+        assert not any("export" in n for n in names), (module, names)
+    assert not any(n in (".engine", "..runtime.engine") for n in imports["runners"]), imports["runners"]
+    assert not any(n in (".engine", ".runners") for n in imports["bundle"] | imports["graphs"])
 
 
 # ---- slow: the compile backend on the CPU ---------------------------------------------------------

@@ -2,12 +2,14 @@
 """Backend comparator (Polygraphy-style): the same inputs through PyTorch and every engine backend.
 
     tools/compare_backends.py CHECKPOINT [ENGINE_DIR ...] [--device cpu|cuda] [--precision fp32]
-                              [--backends aoti,onnxruntime] [--studies 48] [--json FILE]
+                              [--backends aoti,onnxruntime] [--studies 48] [--data DIR] [--json FILE]
 
 With engine folders, compares each with the checkpoint. Without, builds one engine per backend
 that can build here (into a temporary folder, or --keep DIR) and compares them all. Prints, per
 backend and output, max abs error, mean abs error and min/mean cosine against PyTorch eager fp32,
-the top-10 retrieval overlap, and the statistic used.
+the top-10 retrieval overlap, and the statistic used. The studies are the first --studies of your
+own folder (--data DIR, any format clinvla_engine.data.open_dataset reads) or, without it, a
+synthetic archive; each report says which.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"])
     ap.add_argument("--backends", help="comma-separated backends to build (default: all that build here)")
     ap.add_argument("--batch-sizes", default="1,8,64")
-    ap.add_argument("--studies", type=int, default=48)
+    ap.add_argument("--studies", type=int, default=48, help="studies compared (default 48; 0 = random inputs only)")
+    ap.add_argument("--data", metavar="DIR", help="a folder of your own studies (default: a synthetic archive)")
     ap.add_argument("--keep", help="build the engines into this folder and keep them")
     ap.add_argument("--json", help="write every report here")
     args = ap.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
                 failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     reports = {}
     for d in dirs:
-        report = compare(args.checkpoint, d, device=args.device, studies=args.studies)
+        report = compare(args.checkpoint, d, device=args.device, studies=args.studies, data=args.data)
         e = report["engine"]
         reports[str(d)] = report
         print(format_report(report, f"{e['backend']} ({e['device']}, {e['precision']}) {d}"))
@@ -62,7 +65,9 @@ def main(argv=None) -> int:
     for name, why in failures.items():
         print(f"{name}: not compared ({why})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"reports": reports, "not_built": failures}, indent=2, default=str))
+        from clinvla_engine.runtime.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"reports": reports, "not_built": failures}, indent=2, default=str))
     return 0 if reports and all(r["passed"] for r in reports.values()) else 1
 
 

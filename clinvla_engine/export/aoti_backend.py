@@ -23,7 +23,10 @@ import warnings
 
 import torch
 
-from .context import TORCH_DTYPES, BuildContext, BuildError
+from ..runtime import aoti_probe
+from ..runtime.files import atomic_path
+from ..runtime.graphs import PRECISION_DTYPES
+from .context import BuildContext, BuildError
 from .graphs import dynamic_shapes
 
 NAME = "aoti"
@@ -54,9 +57,9 @@ def _compile(ep, path, packaging: str, device: torch.device) -> None:
     configs = {"aot_inductor.package_constants_in_so": packaging == "constants_in_so"}
     if device.type == "cpu":
         configs["max_autotune"] = False
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(path, suffix=".pt2") as tmp:
         warnings.simplefilter("ignore")  # e.g. torch's own FutureWarnings about pytree internals
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
 
 
 def _constants_file(ep, path) -> None:
@@ -64,7 +67,8 @@ def _constants_file(ep, path) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in list(ep.state_dict.items()) + list(ep.constants.items())
                if isinstance(v, torch.Tensor)}
-    save_file(tensors, str(path))
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp))
 
 
 def should_probe(ctx: BuildContext) -> bool:
@@ -75,10 +79,7 @@ def should_probe(ctx: BuildContext) -> bool:
 
 
 def build(ctx: BuildContext, graph_names: tuple[str, ...] = ("image", "text")) -> dict:
-    from ..runtime import aoti_probe
-    from ..runtime.engine import machine_fingerprint
-
-    dtype = TORCH_DTYPES[ctx.precision]
+    dtype = PRECISION_DTYPES[ctx.precision]
     device = ctx.device
     modules = ctx.modules(device=device, dtype=dtype)
     order = list(PACKAGINGS)
@@ -107,13 +108,11 @@ def build(ctx: BuildContext, graph_names: tuple[str, ...] = ("image", "text")) -
                 st["note"] = f"{(ctx.out / file).stat().st_size / 2**20:.1f} MiB"
             record = {"graph": graph, "packaging": packaging}
             if should_probe(ctx):
-                from ..runtime.engine import probe_inputs
-
                 manifest_like = {"graphs": {graph: ctx.graph_entry(graph, file)}, "max_text_len": ctx.tokens,
                                  "config": ctx.model.config.to_dict(), "batch_sizes": ctx.batch_sizes}
                 with ctx.progress.stage(f"load + run the {graph} package in a child process") as st:
                     result = aoti_probe.probe(str(ctx.out / file), str(ctx.out / consts) if consts else None, str(device),
-                                   probe_inputs(manifest_like, graph, batch=min(ctx.batch_sizes)))
+                                   aoti_probe.probe_inputs(manifest_like, graph, batch=min(ctx.batch_sizes)))
                     st["note"] = "ok" if result["ok"] else f"CRASHED ({result.get('signal') or result['returncode']})"
                 record["probe"] = result
             attempts.append(record)
@@ -130,6 +129,6 @@ def build(ctx: BuildContext, graph_names: tuple[str, ...] = ("image", "text")) -
                              f"{device} ({evidence}); use --backend compile (torch.compile + CUDA graphs) or auto. "
                              f"Last probe output:\n{attempts[-1]['probe']['output']}")
         graphs[graph] = entry
-    details = {"attempts": attempts, "fingerprint": machine_fingerprint(device) if should_probe(ctx) else None,
+    details = {"attempts": attempts, "fingerprint": aoti_probe.machine_fingerprint(device) if should_probe(ctx) else None,
                "torch": torch.__version__}
     return {"graphs": graphs, "backend_details": details, "aoti": details}

@@ -3,7 +3,19 @@
 Stages: read the checkpoint (safetensors, or a .pt opened with weights_only=True) -> for each
 backend to try: export/compile into a staging folder, write a provisional manifest, load it with
 the runtime, check parity against PyTorch, time it -> keep the chosen one, write the final
-manifest (parity figures, measurements, a SHA-256 per file) and move it into place atomically.
+manifest (parity figures, measurements, a SHA-256 per file), rename the folder into place, and
+only then mark the manifest complete.
+
+Crash safety. Everything is built inside a fresh hidden folder ``.<name>.building-<pid>-XXXX``
+beside the target, and every file in it is written under a unique temporary name and renamed. A
+build that is killed at any point leaves either no bundle at the target or one whose manifest is
+not marked complete, which the runtime and ``clinvla engine inspect`` refuse; the next build of
+the same target deletes working folders whose process is gone. (Replacing a bundle with --force
+moves the old one aside first: a kill in that instant leaves no bundle, never a mixed one.)
+
+Data. Parity is checked on the user's studies when ``parity_data`` (``--parity-data DIR``) is
+given, else on a synthetic archive; FP8 calibration uses ``calibration`` (``--calibration DIR``),
+else random inputs. The manifest records which (see ``studies``).
 
 ``backend="auto"`` builds every candidate that can build here (tensorrt, aoti, onnxruntime,
 compile on a GPU; aoti and onnxruntime on a CPU), measures image and text throughput at a
@@ -17,6 +29,7 @@ import json
 import os
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +38,8 @@ import torch
 
 from .. import backends
 from ..model import load_checkpoint
-from ..runtime.bundle import MANIFEST, installed_versions, write_manifest
+from ..runtime.bundle import MANIFEST, STAGING_MARK, installed_versions, mark_complete, write_manifest
+from ..runtime.files import atomic_write_text, sha256_file
 from . import aoti_backend, compile_backend, ort_backend, trt_backend
 from .context import PRECISIONS, BuildContext, BuildError, Progress
 from .graphs import text_limit
@@ -44,7 +58,10 @@ class BuildOptions:
     max_text_len: int = 128
     opset: int = 18
     parity_random: int = 16  # random studies/texts through the graphs
-    parity_studies: int = 48  # synthetic archive studies through the public API (0 = none)
+    parity_studies: int = 48  # studies through the public API (0 = none); of parity_data when given
+    parity_data: Path | None = None  # a folder of the user's studies for parity (None = synthetic archive)
+    calibration: Path | None = None  # fp8: a folder of the user's studies to calibrate on (None = random)
+    calibration_studies: int = 64  # fp8: how many of the calibration folder's studies (0 = all)
     strict: bool = True  # refuse a build whose parity fails
     force: bool = False  # replace an existing bundle at the output path
     keep_candidates: Path | None = None  # auto: keep every candidate's full bundle here
@@ -93,15 +110,54 @@ def _prepare_out(out: Path, force: bool) -> None:
                 raise BuildError(f"output {out} already holds an engine bundle; pass --force to replace it")
 
 
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}{STAGING_MARK}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process: not ours to judge
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Deletes the working folders of earlier builds of `out` whose process is gone (a kill leaves
+    them); returns what it removed. A folder of a live process (a concurrent build) is left alone."""
+    removed = []
+    prefix = _staging_prefix(out)
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        if not (p.name.startswith(prefix) and p.is_dir()):
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _replace_dir(src: Path, dst: Path, aside: Path) -> None:
+    """Moves folder `src` to `dst`; an existing `dst` is first renamed to `aside` (same file system:
+    both are renames, never a copy), then deleted."""
+    if dst.exists():
+        os.replace(dst, aside)
+    os.replace(src, dst)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _common_files(ctx: BuildContext) -> dict:
     model = ctx.model
-    (ctx.out / "config.json").write_text(model.config.to_json())
-    tok_dir = ctx.out / "tokenizer"
-    tok_dir.mkdir(exist_ok=True)
+    atomic_write_text(ctx.out / "config.json", model.config.to_json())
     state = model.tokenizer.state()
-    (tok_dir / "vocab.txt").write_text(state["vocab"], encoding="utf-8")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": state["lowercase"],
-                                                               "max_length": state["max_length"]}))
+    atomic_write_text(ctx.out / "tokenizer" / "vocab.txt", state["vocab"])
+    atomic_write_text(ctx.out / "tokenizer" / "tokenizer_config.json",
+                      json.dumps({"do_lower_case": state["lowercase"], "max_length": state["max_length"]}))
     return {"vocab": "tokenizer/vocab.txt", "config": "tokenizer/tokenizer_config.json",
             "lowercase": state["lowercase"], "max_length": state["max_length"]}
 
@@ -128,8 +184,11 @@ def _measure(engine, model, batch: int, repeats: int = 5) -> dict:
 
 
 def build_backend(model, name: str, out: Path, device: torch.device, opts: BuildOptions, progress: Progress,
-                  onnx_cache: dict, checkpoint_info: dict) -> BuildResult:
-    """Builds one backend's bundle in `out` (created), checks parity; returns the result."""
+                  onnx_cache: dict, checkpoint_info: dict, data: dict | None = None) -> BuildResult:
+    """Builds one backend's bundle in `out` (created), checks parity; returns the result (its
+    manifest is not marked complete: only build_engine does that, at the final path).
+
+    data: {"parity": (studies, record) | None, "calibration": (studies, record) | None}."""
     from ..runtime import Engine
     from .parity import check_parity, format_report
 
@@ -138,9 +197,12 @@ def build_backend(model, name: str, out: Path, device: torch.device, opts: Build
     if why:
         raise BuildError(f"--backend {name} cannot build {opts.precision} on {device.type} here: {why}")
     out.mkdir(parents=True, exist_ok=True)
+    data = data or {}
+    calibration = data.get("calibration")
     ctx = BuildContext(model=model, device=device, precision=opts.precision, batch_sizes=list(opts.batch_sizes),
                        max_text_len=opts.max_text_len, out=out, progress=progress, opset=opts.opset,
-                       options=dict(opts.extra), onnx_cache=onnx_cache)
+                       options=dict(opts.extra), onnx_cache=onnx_cache,
+                       calibration=calibration[0] if calibration else None)
     t0 = time.perf_counter()
     tokenizer = _common_files(ctx)
     part = module.build(ctx)
@@ -164,11 +226,13 @@ def build_backend(model, name: str, out: Path, device: torch.device, opts: Build
     }
     if "aoti" in part:
         manifest["aoti"] = part["aoti"]
+    if opts.precision == "fp8":  # the only precision that is calibrated
+        manifest["calibration"] = calibration[1] if calibration else {"source": "random", "samples": 8}
     write_manifest(out, manifest)
     with progress.stage(f"load the {name} engine and check parity against PyTorch") as st:
-        engine = Engine.load(out, device=device, verify=True)
+        engine = Engine.load(out, device=device, verify=True, staging=True)
         parity = check_parity(model, engine, opts.precision, random=opts.parity_random, studies=opts.parity_studies,
-                              seed=opts.seed, workdir=out.parent)
+                              seed=opts.seed, workdir=out.parent, user_studies=data.get("parity"))
         s = parity["summary"]
         st["note"] = (f"cos min {s['cos_min']:.6f}, max abs {s['max_abs']:.2e}"
                       + (f", top-10 overlap {s['top10_overlap']:.3f}" if "top10_overlap" in s else "")
@@ -207,6 +271,12 @@ def build_engine(checkpoint: str | os.PathLike, out: str | os.PathLike, options:
     opts.batch_sizes = parse_batch_sizes(",".join(str(b) for b in opts.batch_sizes))
     if opts.max_text_len < 3:
         raise ValueError(f"--max-text-len must be at least 3 ([CLS] word [SEP]), got {opts.max_text_len}")
+    if opts.calibration is not None and opts.precision != "fp8":
+        raise ValueError(f"--calibration applies to --precision fp8 only (the only calibrated precision), "
+                         f"not {opts.precision}; drop it or build fp8")
+    if opts.parity_data is not None and opts.parity_studies < 1:
+        raise ValueError("--parity-studies 0 turns the study check off, so --parity-data would not be used; "
+                         "give a count (default 48) or drop --parity-data")
     out = Path(out)
     _prepare_out(out, opts.force)
     device = resolve_device(opts.device)
@@ -214,22 +284,25 @@ def build_engine(checkpoint: str | os.PathLike, out: str | os.PathLike, options:
     t0 = time.perf_counter()
     with progress.stage(f"read checkpoint {checkpoint}") as st:
         model = load_checkpoint(checkpoint).float().eval()
-        from ..runtime.bundle import sha256_file
         from ..model.checkpoint import _resolve
 
         ck = _resolve(Path(checkpoint))
         checkpoint_info = {"path": str(ck), "sha256": sha256_file(ck), "name": model.config.name}
         st["note"] = (f"{model.config.name}: {model.config.vision.image_size}px, {model.config.vision.num_views} views, "
                       f"text <= {text_limit(model, opts.max_text_len)} tokens")
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    data = _user_data(opts, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_staging(out):
+        progress.say(f"removed {stale.name}, left by a build of {out.name} that did not finish")
+    work = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging = work / "bundle"
     onnx_cache: dict = {}
     try:
         if opts.backend == "auto":
-            result = _auto(model, staging, device, opts, progress, onnx_cache, checkpoint_info)
+            result = _auto(model, work, device, opts, progress, onnx_cache, checkpoint_info, data)
         else:
-            result = build_backend(model, opts.backend, staging, device, opts, progress, onnx_cache, checkpoint_info)
+            result = build_backend(model, opts.backend, staging, device, opts, progress, onnx_cache, checkpoint_info,
+                                   data)
         manifest = result.manifest
         manifest["build"]["total_seconds"] = round(time.perf_counter() - t0, 1)
         manifest["build"]["stages"] = progress.log
@@ -239,21 +312,36 @@ def build_engine(checkpoint: str | os.PathLike, out: str | os.PathLike, options:
         if opts.strict and not manifest["parity"]["passed"]:
             raise BuildError(f"the {manifest['backend']} engine failed the parity check:\n{result.report}\n"
                              "(pass --no-strict to keep it anyway)")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        _replace_dir(staging, out, work / "replaced")
+        mark_complete(out, manifest)  # the last step: until here, whatever is at `out` is refused
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     progress.say(f"engine bundle written to {out} ({manifest['backend']}, {device.type}, {opts.precision}) "
                  f"in {time.perf_counter() - t0:.0f} s")
     return BuildResult(out, manifest, result.report)
 
 
-def _auto(model, staging: Path, device, opts: BuildOptions, progress: Progress, onnx_cache, checkpoint_info):
+def _user_data(opts: BuildOptions, progress: Progress) -> dict:
+    """The user's studies for parity and calibration, read once before any backend is built."""
+    from .studies import open_user_studies
+
+    data = {"parity": None, "calibration": None}
+    if opts.parity_data is not None:
+        with progress.stage(f"read the parity studies in {opts.parity_data}") as st:
+            data["parity"] = open_user_studies(opts.parity_data, opts.parity_studies, "--parity-data")
+            st["note"] = f"{data['parity'][1]['studies']} {data['parity'][1]['format']} studies"
+    if opts.calibration is not None:
+        with progress.stage(f"read the calibration studies in {opts.calibration}") as st:
+            data["calibration"] = open_user_studies(opts.calibration, opts.calibration_studies, "--calibration")
+            st["note"] = f"{data['calibration'][1]['studies']} {data['calibration'][1]['format']} studies"
+    return data
+
+
+def _auto(model, work: Path, device, opts: BuildOptions, progress: Progress, onnx_cache, checkpoint_info, data):
     candidates = {}
     best = None
-    root = staging.parent / f"{staging.name}-candidates"
+    root = work / "candidates"
+    staging = work / "bundle"
     for name in AUTO_ORDER[device.type]:
         why = BACKENDS[name].unsupported(device.type, opts.precision)
         if why:
@@ -262,7 +350,7 @@ def _auto(model, staging: Path, device, opts: BuildOptions, progress: Progress, 
             continue
         progress.say(f"auto: building candidate {name}")
         try:
-            res = build_backend(model, name, root / name, device, opts, progress, onnx_cache, checkpoint_info)
+            res = build_backend(model, name, root / name, device, opts, progress, onnx_cache, checkpoint_info, data)
         except Exception as exc:  # a candidate that fails is recorded, not fatal
             candidates[name] = {"built": False, "why": f"{type(exc).__name__}: {str(exc)[:600]}"}
             progress.say(f"auto: {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -272,28 +360,36 @@ def _auto(model, staging: Path, device, opts: BuildOptions, progress: Progress, 
                             "measured": m["build"]["measured"], "build_seconds": m["build"]["seconds"]}
         if m["parity"]["passed"] and (best is None or m["build"]["measured"]["score_ms"] < best.manifest["build"]["measured"]["score_ms"]):
             best = res
-    try:
-        if best is None:
-            raise BuildError("auto: no backend built an engine that passes parity here: "
-                             + "; ".join(f"{k}: {v.get('why') or 'parity failed'}" for k, v in candidates.items()))
-        chosen = best.manifest["backend"]
-        progress.say("auto: measured " + ", ".join(
-            f"{k} {v['measured']['score_ms']:.2f} ms" for k, v in candidates.items() if v.get("built"))
-            + f" -> {chosen}")
-        best.manifest["build"]["candidates"] = candidates
-        best.manifest["build"]["chosen"] = chosen
-        if opts.keep_candidates:
-            keep = Path(opts.keep_candidates)
-            keep.mkdir(parents=True, exist_ok=True)
-            for name in [n for n, v in candidates.items() if v.get("built")]:
-                target = keep / name
-                if target.exists():
-                    shutil.rmtree(target)
-                if name == chosen:
-                    shutil.copytree(root / name, target)
-                else:
-                    shutil.move(str(root / name), str(target))
-        os.replace(root / chosen, staging)
-        return BuildResult(staging, best.manifest, best.report)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    if best is None:
+        raise BuildError("auto: no backend built an engine that passes parity here: "
+                         + "; ".join(f"{k}: {v.get('why') or 'parity failed'}" for k, v in candidates.items()))
+    chosen = best.manifest["backend"]
+    progress.say("auto: measured " + ", ".join(
+        f"{k} {v['measured']['score_ms']:.2f} ms" for k, v in candidates.items() if v.get("built"))
+        + f" -> {chosen}")
+    best.manifest["build"]["candidates"] = candidates
+    best.manifest["build"]["chosen"] = chosen
+    if opts.keep_candidates:
+        _keep_candidates(root, [n for n, v in candidates.items() if v.get("built")], chosen,
+                         Path(opts.keep_candidates))
+    os.replace(root / chosen, staging)
+    return BuildResult(staging, best.manifest, best.report)
+
+
+def _keep_candidates(root: Path, names: list[str], chosen: str, keep: Path) -> None:
+    """Each built candidate into keep/NAME as a complete bundle of its own (the chosen one copied,
+    the others moved); each is renamed into place before it is marked complete, like the result."""
+    keep.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        manifest = json.loads((root / name / MANIFEST).read_text())
+        aside = Path(tempfile.mkdtemp(prefix=f".{name}{STAGING_MARK}{os.getpid()}-", dir=keep))
+        try:
+            # into `keep`'s file system first (a copy or cross-device move), then renames only
+            if name == chosen:
+                shutil.copytree(root / name, aside / "new")
+            else:
+                shutil.move(str(root / name), str(aside / "new"))
+            _replace_dir(aside / "new", keep / name, aside / "replaced")
+            mark_complete(keep / name, manifest)
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)

@@ -55,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "by the model's tokenizer)")
     ap.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or later (default 18)")
     ap.add_argument("--parity-studies", type=int, default=48,
-                    help="synthetic studies for the parity and retrieval check (default 48; 0 = random inputs only)")
+                    help="studies for the parity and retrieval check: the first N of --parity-data, else N synthetic "
+                         "ones (default 48; 0 = random inputs only)")
+    ap.add_argument("--parity-data", metavar="DIR",
+                    help="a folder of your own studies (MIMIC-CXR-JPG, CheXpert, RSNA, DICOM tree) to check parity "
+                         "on; default: a synthetic archive. The manifest records which")
+    ap.add_argument("--calibration", metavar="DIR",
+                    help="--precision fp8: a folder of your own studies to calibrate the FP8 scales on; default: "
+                         "random inputs. The manifest records which")
+    ap.add_argument("--calibration-studies", type=int, default=64,
+                    help="how many of the --calibration folder's studies to use (default 64; 0 = all)")
     ap.add_argument("--no-strict", action="store_true", help="keep an engine that fails the parity check")
     ap.add_argument("--force", action="store_true", help="replace an existing bundle at ENGINE_DIR")
     ap.add_argument("--keep-candidates", metavar="DIR", help="auto: also keep every candidate's bundle in DIR")
@@ -81,7 +90,9 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             extra["trt_typing"] = args.trt_typing
         opts = BuildOptions(backend=args.backend, device=args.device, precision=args.precision,
                             batch_sizes=parse_batch_sizes(args.batch_sizes), max_text_len=args.max_text_len,
-                            opset=args.opset, parity_studies=args.parity_studies, strict=not args.no_strict,
+                            opset=args.opset, parity_studies=args.parity_studies, parity_data=args.parity_data,
+                            calibration=args.calibration, calibration_studies=args.calibration_studies,
+                            strict=not args.no_strict,
                             force=args.force, keep_candidates=args.keep_candidates, progress=not args.quiet,
                             extra=extra)
         result = build_engine(args.checkpoint, args.output, opts)
@@ -94,8 +105,10 @@ def build_engine_main(argv: list[str] | None = None) -> int:
     print(f"engine {result.path}: {m['backend']} on {m['device']}, {m['precision']}, buckets {m['batch_sizes']}; "
           f"batch {me['batch']}: image {me['image_ms']} ms, text {me['text_ms']} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"parity": m["parity"], "build": m["build"], "backend": m["backend"]}, f, indent=2, default=str)
+        from ..runtime.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"parity": m["parity"], "build": m["build"], "backend": m["backend"]},
+                                                indent=2, default=str))
     return 0 if m["parity"]["passed"] else 1
 
 
@@ -118,7 +131,7 @@ def _cmd_compare(args) -> int:
 
     try:
         report = compare(args.checkpoint, args.engine_dir, device=args.device, random=args.random,
-                         studies=args.studies, seed=args.seed)
+                         studies=args.studies, seed=args.seed, data=args.data)
     except _errors() as exc:
         print(f"clinvla engine compare: error: {exc}", file=sys.stderr)
         return 2
@@ -147,7 +160,9 @@ def add_engine_commands(subparsers) -> argparse.ArgumentParser:
     c.add_argument("engine_dir", help="folder written by clinvla-build-engine")
     c.add_argument("--device", choices=["cuda", "cpu"], help="default: the bundle's device")
     c.add_argument("--random", type=int, default=16, help="random studies and texts (default 16)")
-    c.add_argument("--studies", type=int, default=48, help="synthetic archive studies (default 48; 0 = none)")
+    c.add_argument("--studies", type=int, default=48,
+                   help="studies: the first N of --data, else N synthetic ones (default 48; 0 = none)")
+    c.add_argument("--data", metavar="DIR", help="a folder of your own studies to compare on (default: synthetic)")
     c.add_argument("--seed", type=int, default=1, help="seed of the inputs (default 1)")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=_cmd_compare)

@@ -13,7 +13,6 @@ from ..model import ClinVLA
 from .graphs import GraphSpec, example_inputs, graph_modules, specs, text_limit
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class BuildError(RuntimeError):
@@ -67,6 +66,7 @@ class BuildContext:
     opset: int = 18
     options: dict = field(default_factory=dict)
     onnx_cache: dict = field(default_factory=dict)  # graph -> cleaned fp32 ModelProto, shared by candidates
+    calibration: list | None = None  # the user's studies for FP8 calibration; None = random inputs
 
     @property
     def tokens(self) -> int:
@@ -93,6 +93,15 @@ class BuildContext:
         if batch is None:
             batch = min(4, max(2, self.max_batch))
         return example_inputs(self.model, graph, batch=batch, device=device, max_tokens=self.tokens)
+
+    def calibration_feeds(self, graph: str) -> list[dict]:
+        """Inputs to collect FP8 activation ranges with: the user's studies, or one random batch."""
+        if self.calibration is not None:
+            from .studies import study_feeds
+
+            return study_feeds(self.model, graph, self.calibration, self.tokens)
+        names = [t.name for t in self.specs[graph].inputs]
+        return [{n: x.numpy() for n, x in zip(names, self.example(graph, batch=8))}]
 
     def graph_entry(self, graph: str, file: str, **extra) -> dict:
         spec = self.specs[graph].to_dict()

@@ -18,13 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
 from ..model import ClinVLA
-
-# Shortest token sequence a graph accepts: [CLS] word [SEP]. torch.export needs a lower bound > 2
-# because the word features are the sequence minus [CLS] (a length of 1 would be specialised).
-MIN_TOKENS = 3
+# The graph wrappers and token rules live in the runtime (a deployment needs them without the
+# builder); they are re-exported here for the builder's modules and the benchmarks.
+from ..runtime.graphs import MIN_TOKENS, graph_modules, truncate_tokens, two_views  # noqa: F401
 
 
 @dataclass
@@ -55,10 +53,6 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
 
-def two_views(model: ClinVLA) -> bool:
-    return model.config.vision.num_views == 2
-
-
 def image_spec(model: ClinVLA) -> GraphSpec:
     s, e = model.config.vision.image_size, model.config.embed_dim
     p = model.visual.num_patches
@@ -77,46 +71,6 @@ def text_spec(model: ClinVLA) -> GraphSpec:
     return GraphSpec("text", inputs, outputs)
 
 
-class ImageGraph(nn.Module):
-    """frontal, lateral, lateral_present -> (image_emb, regions); see the module docstring."""
-
-    def __init__(self, model: ClinVLA, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-        self.two = two_views(model)
-
-    def forward(self, frontal: torch.Tensor, lateral: torch.Tensor | None = None,
-                lateral_present: torch.Tensor | None = None):
-        # frontal, lateral: (B, 3, S, S) float32; lateral_present: (B,) float32 1/0
-        frontal = frontal.to(self.dtype)
-        if self.two:
-            lateral = lateral.to(self.dtype)
-            present = lateral_present > 0.5
-        else:
-            lateral, present = None, None
-        emb, regions, _ = self.model.encode_images(frontal, lateral, present, return_local=True, static_views=True)
-        return emb.float(), regions.float()
-
-
-class TextGraph(nn.Module):
-    """input_ids, attention_mask -> (text_emb, words); see the module docstring."""
-
-    def __init__(self, model: ClinVLA, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        # input_ids, attention_mask: (B, T) int64
-        emb, words, _ = self.model.encode_text((input_ids, attention_mask), return_local=True)
-        return emb.float(), words.float()
-
-
-def graph_modules(model: ClinVLA, dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    return {"image": ImageGraph(model, dtype).eval(), "text": TextGraph(model, dtype).eval()}
-
-
 def specs(model: ClinVLA) -> dict[str, GraphSpec]:
     return {"image": image_spec(model), "text": text_spec(model)}
 
@@ -127,19 +81,6 @@ SAMPLE_REPORTS = (
     "Moderate cardiomegaly. Mild pulmonary edema.",
     "Right upper lobe consolidation concerning for pneumonia.",
 )
-
-
-def truncate_tokens(ids: torch.Tensor, mask: torch.Tensor, length: int, sep_id: int, pad_id: int):
-    """(ids, mask) cut to `length` tokens, each cut row still ending in [SEP]; padded to >= 3."""
-    if ids.shape[1] > length:
-        cut = mask[:, length:].any(dim=1)
-        ids, mask = ids[:, :length].clone(), mask[:, :length]
-        ids[cut, length - 1] = sep_id
-    if ids.shape[1] < MIN_TOKENS:
-        pad = MIN_TOKENS - ids.shape[1]
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), pad_id)], 1)
-        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], 1)
-    return ids, mask
 
 
 def example_inputs(model: ClinVLA, graph: str, batch: int = 4, device: str | torch.device = "cpu",

@@ -5,25 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..runtime.bundle import BundleError, check_versions, installed_versions, read_manifest, sha256_file
+from ..runtime.bundle import BundleError, check_versions, file_status, installed_versions, read_manifest
+from ..runtime.files import sha256_file
 
 
 def inspect_bundle(directory: str | Path, verify: bool = True) -> dict:
-    """The manifest's essentials plus, per file, whether it still matches (never raises on a
-    tampered or mismatched bundle: it reports it)."""
+    """The manifest's essentials plus, per file of the manifest and of the folder, whether it
+    still matches ("ok", "not checked", "MISSING", "CHANGED", "UNLISTED", "LINK").
+
+    A bundle whose files or versions no longer match is reported (``usable`` False), not raised;
+    a manifest that is not valid, or a bundle whose build did not finish, raises BundleError, as
+    loading it would: there is nothing trustworthy to report."""
     directory, manifest = read_manifest(directory)
-    files = {}
-    for name, entry in sorted(manifest.get("files", {}).items()):
-        path = directory / name
-        if not path.is_file():
-            status = "MISSING"
-        elif not verify:
-            status = "not checked"
-        elif path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
-            status = "CHANGED"
-        else:
-            status = "ok"
-        files[name] = {"bytes": entry.get("bytes"), "sha256": entry.get("sha256"), "status": status}
+    listed = manifest["files"]
+    files = {name: {"bytes": listed.get(name, {}).get("bytes"), "sha256": listed.get(name, {}).get("sha256"),
+                    "status": status}
+             for name, status in file_status(directory, manifest, hash_files=verify).items()}
     try:
         check_versions(manifest, directory)
         versions_ok = "ok"
@@ -47,6 +44,7 @@ def inspect_bundle(directory: str | Path, verify: bool = True) -> dict:
         "versions_here": installed_versions(),
         "versions_status": versions_ok,
         "parity": manifest.get("parity", {}),
+        "calibration": manifest.get("calibration"),
         "build": {k: v for k, v in manifest.get("build", {}).items() if k != "stages"},
         "backend_details": manifest.get("backend_details"),
         "files": files,
@@ -86,6 +84,16 @@ def format_inspection(info: dict) -> str:
                          f"parity {'passed' if c['parity_passed'] else 'FAILED'}")
         else:
             lines.append(f"    candidate {name}: not built ({str(c.get('why'))[:160]})")
+    source = (info.get("parity") or {}).get("data")
+    if source:
+        where = f" {source['path']}" if source.get("path") else ""
+        lines.append(f"  parity checked on: {source['source']} studies{where}"
+                     + (f" ({source['studies']})" if source.get("studies") is not None else ""))
+    calibration = info.get("calibration")
+    if calibration:
+        lines.append(f"  fp8 calibrated on: {calibration['source']} "
+                     + (f"studies {calibration.get('path')} ({calibration.get('studies')})"
+                        if calibration["source"] == "user" else "inputs"))
     if info.get("parity", {}).get("outputs"):
         lines.append("  " + format_report(info["parity"], "parity at build").replace("\n", "\n  "))
     lines.append("  files:")
@@ -102,20 +110,26 @@ def _encoder_config(cfg: dict) -> str:
 
 
 def compare(checkpoint: str | Path, directory: str | Path, *, device: str | None = None, random: int = 16,
-            studies: int = 48, seed: int = 1) -> dict:
-    """Runs the same inputs through the checkpoint's PyTorch model and the engine (see parity)."""
+            studies: int = 48, seed: int = 1, data: str | Path | None = None) -> dict:
+    """Runs the same inputs through the checkpoint's PyTorch model and the engine (see parity);
+    data = a folder of the user's studies (the first `studies` of it) instead of synthetic ones."""
     from ..model import load_checkpoint
     from ..model.checkpoint import _resolve
     from ..runtime import Engine
     from .parity import check_parity
+    from .studies import open_user_studies
 
+    if data is not None and studies < 1:
+        raise ValueError("--studies 0 turns the study check off, so --data would not be used; give a count")
+    user = open_user_studies(data, studies, "--data") if data is not None else None
     model = load_checkpoint(checkpoint).float().eval()
     engine = Engine.load(directory, device=device)
     try:
         if _encoder_config(model.config.to_dict()) != _encoder_config(engine.manifest["config"]):
             raise BundleError(f"checkpoint {checkpoint} is another model than the one engine {directory} was built "
                               f"from (their configs differ); compare an engine with its own checkpoint")
-        report = check_parity(model, engine, engine.manifest["precision"], random=random, studies=studies, seed=seed)
+        report = check_parity(model, engine, engine.manifest["precision"], random=random, studies=studies, seed=seed,
+                              user_studies=user)
     finally:
         engine.close()
     ck = _resolve(Path(checkpoint))

@@ -1,21 +1,25 @@
-"""Graph -> cleaned, checked ONNX: torch.onnx (dynamo exporter, dynamic batch), GraphSurgeon, checker."""
+"""Graph -> ONNX: torch.onnx (dynamo exporter, dynamic batch); ``save`` writes a model atomically.
+
+The cleanup and checks (GraphSurgeon, onnx.checker) are in ``surgery``; ``BuildContext.fp32_onnx``
+chains them."""
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from .. import backends
-from . import surgery
+from ..runtime.files import TMP_MARK, atomic_path
 from .graphs import GraphSpec, dynamic_shapes
 
 MIN_OPSET = 17
-DEFAULT_OPSET = 18
 _PROTO_LIMIT = 1_800_000_000  # protobuf caps a single file at 2 GiB: larger weights go to external data
 
 
@@ -44,33 +48,22 @@ def export_raw(module: torch.nn.Module, spec: GraphSpec, example: tuple, *, opse
     return model
 
 
-def export_graph(module: torch.nn.Module, spec: GraphSpec, example: tuple, path: Path, *, opset: int = DEFAULT_OPSET,
-                 max_batch: int = 256, max_tokens: int = 128, precision: str = "fp32",
-                 outputs: list[str] | None = None) -> dict:
-    """Exports, cleans, converts to `precision`, checks and saves `path`; returns a report."""
-    raw = export_raw(module, spec, example, opset=opset, max_batch=max_batch, max_tokens=max_tokens)
-    model, report = surgery.clean(raw, keep_outputs=outputs)
-    if precision in ("fp16", "bf16"):
-        model = surgery.to_precision(model, precision)
-    surgery.check(model)
-    save(model, path)
-    report.update(opset=opset, precision=precision, bytes=path.stat().st_size, file=path.name)
-    return report
-
-
 def save(model, path: Path) -> None:
+    """Writes `model` to `path` through unique temporary names renamed into place. A model over
+    protobuf's 2 GiB goes to `path` + its external data file `NAME.data`, both written in a private
+    temporary folder first (ONNX records the data file's name relative to the model)."""
     onnx = backends.import_backend("onnx", "export", "ONNX export")
     path.parent.mkdir(parents=True, exist_ok=True)
     if model.ByteSize() > _PROTO_LIMIT:
         data = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_external_data=True,
-                        location=data, size_threshold=1024)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent))
+        try:
+            onnx.save_model(model, str(work / path.name), save_as_external_data=True,
+                            all_tensors_to_external_data=True, location=data, size_threshold=1024)
+            os.replace(work / data, path.parent / data)  # data first: the model must never point at nothing
+            os.replace(work / path.name, path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     else:
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
-
-
-def load(path: Path):
-    onnx = backends.import_backend("onnx", "export", "ONNX export")
-    return onnx.load(str(path))
+        with atomic_path(path, suffix=".onnx") as tmp:
+            onnx.save_model(model, str(tmp))

@@ -4,13 +4,15 @@ For every output: ``max_abs`` = max |engine - torch| over all elements, ``mean_a
 per-sample cosine between the flattened outputs (``cos_min`` over samples, ``cos_mean``). The
 reference is the eager PyTorch model in float32 on the CPU, with missing laterals skipped (not the
 export path that masks them). Inputs: random images (a mix of one- and two-view studies) and
-sample report sentences, plus a synthetic archive read from its files (so decoding and
-preprocessing are part of what is compared), on which the top-k retrieval overlap is measured:
-for each report, the share of the reference's top-k studies that the engine also ranks top-k
-(and the same from images to reports).
+sample report sentences, plus studies read from their files (so decoding and preprocessing are
+part of what is compared): the user's own (``user_studies``, from ``--parity-data DIR``) or, where
+none are given, a synthetic archive. On them the top-k retrieval overlap is measured: for each
+report, the share of the reference's top-k studies that the engine also ranks top-k (and the
+same from images to reports). The report's ``data`` says which studies were used.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -71,8 +73,12 @@ def _merge(stats: dict, name: str, new: dict) -> None:
 
 
 def check_parity(model, engine, precision: str, *, random: int = 16, studies: int = 48, seed: int = 0,
-                 progress: bool = False, workdir: Path | None = None) -> dict:
-    """Runs the parity checks of the module docstring; returns the report (see ``format_report``)."""
+                 progress: bool = False, workdir: Path | None = None,
+                 user_studies: tuple[list, dict] | None = None) -> dict:
+    """Runs the parity checks of the module docstring; returns the report (see ``format_report``).
+
+    user_studies: (studies, record) from ``studies.open_user_studies``; None = `studies` synthetic
+    ones (0 or 1 = random inputs only)."""
     model = model.float().cpu().eval()
     stats: dict[str, dict] = {}
     # 1. random graph inputs, straight into the graphs
@@ -85,16 +91,23 @@ def check_parity(model, engine, precision: str, *, random: int = 16, studies: in
     texts = [SAMPLE_REPORTS[i % len(SAMPLE_REPORTS)] for i in range(random)]
     # 2. a synthetic archive through the public API (file decoding and preprocessing included)
     retrieval = {}
-    if studies > 1:
-        from ..data import open_dataset
-        from ..data.synth import generate_archive
-        from ..data.transforms import preprocess
+    data = {"source": "random only"}
+    with contextlib.ExitStack() as stack:
+        items = None
+        if user_studies is not None:
+            items, data = user_studies
+        elif studies > 1:
+            from ..data import open_dataset
+            from ..data.synth import generate_archive
 
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=workdir))
             generate_archive(Path(tmp) / "archive", studies, seed, fmt="mimic",
                              size=max(64, model.config.vision.image_size), progress=progress)
-            ds = open_dataset(Path(tmp) / "archive")
-            items = list(ds)
+            items = list(open_dataset(Path(tmp) / "archive"))
+            data = {"source": "synthetic", "studies": len(items), "seed": seed, "format": "mimic"}
+        if items:
+            from ..data.transforms import preprocess
+
             two = model.config.vision.num_views == 2
             fronts = [s.frontal for s in items]
             lats = [s.lateral for s in items] if two else None
@@ -112,7 +125,7 @@ def check_parity(model, engine, precision: str, *, random: int = 16, studies: in
                 ref_img = reference_image(model, f)
             _merge(stats, "image_emb", output_stats(ref_img["image_emb"], torch.from_numpy(eng_img)))
             _merge(stats, "regions", output_stats(ref_img["regions"], torch.from_numpy(eng_regions)))
-            reports = [s.report for s in items if s.report]
+            reports = [s.report for s in items if s.report and s.report.strip()]
             texts = texts + reports
             if len(reports) == len(items):
                 eng_txt = engine.embed_texts(reports)
@@ -142,6 +155,7 @@ def check_parity(model, engine, precision: str, *, random: int = 16, studies: in
         "statistic": STATISTIC,
         "outputs": stats,
         "retrieval": retrieval,
+        "data": data,
         "passed": not failures,
         "failures": failures,
         "summary": {
@@ -162,7 +176,8 @@ def format_report(report: dict, title: str = "parity vs PyTorch eager fp32") -> 
                      f"{s['cos_min']:>10.6f} {s['cos_mean']:>10.6f}")
     r = report.get("retrieval") or {}
     if r:
-        lines.append(f"top-{r['k']} retrieval overlap on {r['studies']} synthetic studies: "
+        source = (report.get("data") or {}).get("source", "synthetic")
+        lines.append(f"top-{r['k']} retrieval overlap on {r['studies']} {source} studies: "
                      f"text->image {r['text_to_image']:.3f}, image->text {r['image_to_text']:.3f}")
     lines.append("statistic: " + report["statistic"])
     lines.append("PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from .. import backends
+from ..runtime.files import atomic_write_bytes
 from . import surgery
 from .context import BuildContext, BuildError
 from .graphs import MIN_TOKENS
@@ -111,9 +112,9 @@ def _fp8_onnx(ctx: BuildContext, graph: str):
     from .quantize import calibrate, insert_fp8_qdq
 
     fp32, _ = ctx.fp32_onnx(graph)
-    names = [t.name for t in ctx.specs[graph].inputs]
-    feeds = [{n: x.numpy() for n, x in zip(names, ctx.example(graph, batch=8))}]
-    with ctx.progress.stage(f"FP8 calibration + Q/DQ insertion for the {graph} graph"):
+    feeds = ctx.calibration_feeds(graph)
+    with ctx.progress.stage(f"FP8 calibration ({sum(len(next(iter(f.values()))) for f in feeds)} samples) "
+                            f"+ Q/DQ insertion for the {graph} graph"):
         amax = calibrate(fp32, feeds)
         model = insert_fp8_qdq(ctx.onnx_at(graph, "fp16"), amax)
         surgery.check(model)
@@ -140,9 +141,9 @@ def build(ctx: BuildContext) -> dict:
                                 f"{len(ctx.batch_sizes)} profiles)") as st:
             plan, cache, info = build_plan(trt, ctx.out / onnx_file, entry, sorted(ctx.batch_sizes), ctx.tokens,
                                            ctx.precision, typing, cache, surgery.fp32_nodes(model))
-            (ctx.out / entry["file"]).write_bytes(plan)
+            atomic_write_bytes(ctx.out / entry["file"], plan)
             st["note"] = f"{len(plan) / 2**20:.1f} MiB plan, {info['layers']} layers"
         details["graphs"][graph] = info
         graphs[graph] = entry
-    cache_path.write_bytes(cache)
+    atomic_write_bytes(cache_path, cache)
     return {"graphs": graphs, "backend_details": json.loads(json.dumps(details))}

@@ -75,19 +75,6 @@ def _torch_capsule(t: Any) -> Any:
     return torch.utils.dlpack.to_dlpack(t)
 
 
-def device_of(x: Any) -> str:
-    """'cpu' or 'cuda:N' for an array of any supported framework."""
-    k = kind(x)
-    if k == "torch":
-        return "cpu" if x.device.type == "cpu" else f"cuda:{x.device.index or 0}"
-    if k == "cupy":
-        return f"cuda:{x.device.id}"
-    if k == "dlpack" and hasattr(x, "__dlpack_device__"):
-        dev_type, dev_id = x.__dlpack_device__()
-        return f"cuda:{dev_id}" if int(dev_type) in (2, 13) else "cpu"
-    return "cpu"
-
-
 def empty_like_results(queries: Any, nq: int, k: int) -> tuple[Any, Any]:
     """(scores float32, ids int64), both (nq, k), of the queries' framework and device."""
     kd = kind(queries)

@@ -14,6 +14,7 @@ and csrc/cuda/flat_index_cuda.cu.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,14 @@ from . import _arrays
 
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_K_CUDA = 4096
+# The bound on k (see Index.search). The results are allocated before the core runs, nq x k x 12
+# bytes, so an unchecked k = 10**9 asked for 12 GB per query and the process was killed. Exact
+# top-k is for retrieval lists a person or a re-ranker reads: 65,536 is far beyond that, and a
+# caller who wants every vector in order can page with `allow`.
+MAX_K = 65536
+# Results of one call (scores + ids, 12 bytes per slot) may take at most this much memory; more
+# queries are split by the caller (the error says how many fit).
+MAX_RESULT_BYTES = 1 << 30
 
 
 def _native_module():
@@ -64,6 +73,8 @@ class Index:
         shard_rows: CUDA only: rows per device shard (default about 1 GiB of vectors).
         workspace_mb: CUDA only: candidate-buffer memory, allocated once and reused.
     """
+
+    MAX_K = MAX_K
 
     def __init__(self, dim: int, dtype: Any = "float16", device: Any = "cpu", *, device_memory: int | None = None,
                  shard_rows: int = 0, workspace_mb: int = 1024, _native: Any = None):
@@ -139,6 +150,10 @@ class Index:
 
         queries: (nq, dim) in the index's dtype, on the index's device; results come back in the
             queries' framework (NumPy in, NumPy out; torch CUDA in, torch CUDA out).
+        k: 0 <= k <= MAX_K (65,536; MAX_K_CUDA = 4,096 on CUDA). A k above the number of vectors
+            is allowed (the extra slots hold id -1, score -inf) but still bounded, and the results
+            of one call, nq x k x 12 bytes, may take at most MAX_RESULT_BYTES (1 GiB): a larger
+            request raises ValueError before anything is allocated.
         allow: restricts results to a subset of ids, applied inside the scan: a bool mask indexed
             by id, a uint8 bitmap (numpy.packbits(mask, bitorder="little")), or a list of ids;
             2-D masks / bitmaps give one row per query.
@@ -150,9 +165,16 @@ class Index:
             raise ValueError(f"k must be >= 0, got {k}")
         if self._kind == "cuda" and k > MAX_K_CUDA:
             raise ValueError(f"k must be <= {MAX_K_CUDA} on CUDA, got {k}")
+        if k > MAX_K:
+            raise ValueError(f"k must be <= {MAX_K} (Index.MAX_K), got {k}; the index holds {len(self)} vectors. "
+                             "Ask for the results you will read, or page through the rest with `allow`")
         on_cuda = self._kind == "cuda"
-        allow_obj = _arrays.allow_array(allow, queries, on_cuda)
         nq = _arrays.n_rows(queries) if getattr(queries, "ndim", 2) >= 1 else 0
+        if nq * k * 12 > MAX_RESULT_BYTES:
+            fit = max(1, MAX_RESULT_BYTES // (12 * k))
+            raise ValueError(f"{nq} queries x k={k} would need {nq * k * 12 / 2**30:.1f} GiB of results, over the "
+                             f"{MAX_RESULT_BYTES >> 20} MiB one search may use; search at most {fit} queries per call")
+        allow_obj = _arrays.allow_array(allow, queries, on_cuda)
         scores, ids = _arrays.empty_like_results(queries, nq, k)
         q_obj, bf16 = _arrays.export(queries)
         s_obj, _ = _arrays.export(scores)
@@ -167,8 +189,28 @@ class Index:
 
     # ---- files ----
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the versioned index file (atomically: a temporary file renamed into place)."""
-        self._native.save(os.fspath(path))
+        """Writes the versioned index file atomically: the core writes a unique temporary file
+        beside `path` (flushed to disk), which is then renamed onto `path`. Two processes or threads
+        saving to one path never mix their bytes: the last rename wins and the file is whole."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"cannot save the index to {path}: the folder {directory} does not exist; "
+                                    "create it first")
+        # The core itself writes to a fixed "<name>.tmp" before its own rename, which two writers of
+        # one path would share; handing it a name of our own makes that temporary unique too.
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".clvx", dir=directory)
+        os.close(fd)
+        try:
+            self._native.save(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            for leftover in (tmp, tmp + ".tmp"):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: Any = "cpu", *, verify: bool = True,

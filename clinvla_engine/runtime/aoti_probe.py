@@ -12,10 +12,12 @@ outputs; a negative status = killed by that signal (-11 = SIGSEGV).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def probe(package: str, constants: str | None, device: str, inputs: list[dict], timeout: float = 300.0) -> dict:
@@ -38,9 +40,49 @@ def probe(package: str, constants: str | None, device: str, inputs: list[dict], 
     return result
 
 
+def probe_inputs(manifest: dict, graph: str, batch: int) -> list[dict]:
+    """The probe's input specs for one graph of a (provisional) manifest, at one batch size."""
+    vocab = int(manifest["config"]["text"]["bert"].get("vocab_size", 100))
+    out = []
+    for t in manifest["graphs"][graph]["inputs"]:
+        shape = [batch if d == "batch" else (min(16, manifest["max_text_len"]) if d == "tokens" else d) for d in t["shape"]]
+        out.append({"name": t["name"], "dtype": t["dtype"], "shape": shape, "high": vocab})
+    return out
+
+
+def machine_fingerprint(device) -> dict:
+    """What decides whether a package that loaded once will load again: torch, CUDA and the GPU."""
+    import torch
+
+    fp = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device.type}
+    if device.type == "cuda" and torch.cuda.is_available():
+        fp["gpu"] = torch.cuda.get_device_name(device)
+        fp["capability"] = list(torch.cuda.get_device_capability(device))
+    return json.loads(json.dumps(fp))
+
+
+def probe_bundle(directory: Path, manifest: dict, device) -> None:
+    """An AOTInductor bundle on a GPU it was not probed on is first run in a child process: a
+    loader crash then becomes a BundleError instead of killing this process."""
+    from .bundle import BundleError
+
+    fp = machine_fingerprint(device)
+    if manifest.get("aoti", {}).get("fingerprint") == fp or os.environ.get("CLINVLA_AOTI_NO_PROBE") == "1":
+        return
+    for name, g in manifest["graphs"].items():
+        consts = str(directory / g["constants"]) if g.get("constants") else None
+        inputs = probe_inputs(manifest, name, batch=min(manifest["batch_sizes"]))
+        result = probe(str(directory / g["file"]), consts, str(device), inputs)
+        if not result["ok"]:
+            raise BundleError(
+                f"engine bundle {directory}: the AOTInductor package {g['file']} crashed when loaded on this "
+                f"machine ({result.get('signal') or 'exit ' + str(result['returncode'])}); rebuild here with "
+                f"clinvla-build-engine --backend compile (or auto). Probe output:\n{result['output']}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     import faulthandler
-    from pathlib import Path
 
     import torch
 

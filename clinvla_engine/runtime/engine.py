@@ -15,7 +15,6 @@ serialised by a per-graph lock.
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import time
 from pathlib import Path
@@ -23,37 +22,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .bundle import BundleError, load_bundle
+from .bundle import BundleError, bundle_tokenizer, load_bundle
+from .graphs import SPEC_DTYPES, truncate_tokens
 from .inputs import as_items, check_texts, preprocess_items
 from .runners import Runner, make_runner
-
-
-def bundle_tokenizer(directory: Path, manifest: dict):
-    from ..model.text import Tokenizer
-
-    tok = manifest.get("tokenizer", {})
-    vocab = directory / tok.get("vocab", "tokenizer/vocab.txt")
-    if not vocab.is_file():
-        raise BundleError(f"engine bundle {directory}: tokenizer vocabulary {vocab.name} is missing")
-    return Tokenizer(vocab.read_text(encoding="utf-8"), bool(tok.get("lowercase", True)),
-                     int(tok.get("max_length", manifest.get("max_text_len", 128))))
-
-
-def model_from_bundle(directory: Path, manifest: dict):
-    """The PyTorch model rebuilt from a bundle's weights.safetensors (compile backend)."""
-    from safetensors.torch import load_file
-
-    from ..config import ClinVLAConfig
-    from ..model import ClinVLA
-
-    config = ClinVLAConfig.from_dict(manifest["config"], where=f"engine bundle {directory}")
-    model = ClinVLA(config, pretrained=False, tokenizer=bundle_tokenizer(directory, manifest))
-    state = load_file(str(directory / "weights.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.startswith("decoder.")] or unexpected:
-        raise BundleError(f"engine bundle {directory}: weights.safetensors does not fit its config "
-                          f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    return model.eval()
 
 
 def _resolve_device(manifest: dict, device: str | torch.device | None) -> torch.device:
@@ -90,22 +62,28 @@ class Engine:
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None, *,
-             verify: bool = True, cuda_graphs: bool = True, threads: int | None = None) -> "Engine":
-        """Loads a bundle after checking its format, versions and (verify=True) every file's SHA-256.
+             verify: bool = True, cuda_graphs: bool = True, threads: int | None = None,
+             staging: bool = False) -> "Engine":
+        """Loads a bundle after checking its manifest, completeness, versions, file list and
+        (verify=True) every file's SHA-256; see clinvla_engine.runtime.bundle.
 
         device defaults to the one the bundle was built for; an AOTInductor or TensorRT bundle only
         runs on the device type it was compiled for. threads caps ONNX Runtime's intra-op threads
         (AOTInductor and compile bundles on a CPU use torch's, see torch.set_num_threads).
+        staging=True is for the builder's parity check of a bundle it has not finished; a
+        deployment never passes it.
         """
         t0 = time.perf_counter()
-        directory, manifest = load_bundle(directory, verify=verify)
+        directory, manifest = load_bundle(directory, verify=verify, allow_incomplete=staging)
         device = _resolve_device(manifest, device)
         built_for = manifest.get("device", "cpu")
         if manifest["backend"] in ("aoti", "tensorrt") and device.type != built_for:
             raise BundleError(f"engine bundle {directory} was compiled for {built_for} ({manifest['backend']}); "
                               f"it cannot run on {device.type}: rebuild it with --device {device.type}")
         if manifest["backend"] == "aoti" and device.type == "cuda":
-            _probe_if_new_machine(directory, manifest, device)
+            from .aoti_probe import probe_bundle
+
+            probe_bundle(directory, manifest, device)
         runner = make_runner(directory, manifest, device, cuda_graphs=cuda_graphs, threads=threads)
         return cls(directory, manifest, runner, time.perf_counter() - t0)
 
@@ -162,7 +140,7 @@ class Engine:
             isinstance(w, str) or w == s for w, s in zip(want[1:], shape[1:]))
         if graph == "text" and ok:
             ok = 3 <= shape[1] <= self.max_text_len
-        dtype = {"float32": torch.float32, "int64": torch.int64}[spec["dtype"]]
+        dtype = SPEC_DTYPES[spec["dtype"]]
         if not ok or x.dtype != dtype or n == 0:
             want_s = "(" + ", ".join(str(w) for w in want) + ")"
             raise ValueError(f"{graph} graph input {name} must be {want_s} {spec['dtype']}"
@@ -232,8 +210,6 @@ class Engine:
         from ..data.dataset import report_text
 
         texts = check_texts(texts)
-        from ..export.graphs import truncate_tokens
-
         ids, mask = self.tokenizer([report_text(t) for t in texts])
         return truncate_tokens(ids, mask, self.max_text_len, self.tokenizer.sep_id, self.tokenizer.pad_id)
 
@@ -288,40 +264,3 @@ def _pad_tokens(feeds: dict[str, torch.Tensor], length: int, pad_id: int) -> dic
     extra = length - ids.shape[1]
     return {"input_ids": torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_id)], 1),
             "attention_mask": torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1)}
-
-
-def _probe_if_new_machine(directory: Path, manifest: dict, device: torch.device) -> None:
-    """An AOTInductor bundle on a GPU it was not probed on is first run in a child process: a
-    loader crash then becomes a BundleError instead of killing this process."""
-    from .aoti_probe import probe
-
-    fp = machine_fingerprint(device)
-    if manifest.get("aoti", {}).get("fingerprint") == fp or os.environ.get("CLINVLA_AOTI_NO_PROBE") == "1":
-        return
-    for name, g in manifest["graphs"].items():
-        consts = str(directory / g["constants"]) if g.get("constants") else None
-        inputs = probe_inputs(manifest, name, batch=min(manifest["batch_sizes"]))
-        result = probe(str(directory / g["file"]), consts, str(device), inputs)
-        if not result["ok"]:
-            raise BundleError(
-                f"engine bundle {directory}: the AOTInductor package {g['file']} crashed when loaded on this "
-                f"machine ({result.get('signal') or 'exit ' + str(result['returncode'])}); rebuild here with "
-                f"clinvla-build-engine --backend compile (or auto). Probe output:\n{result['output']}"
-            )
-
-
-def probe_inputs(manifest: dict, graph: str, batch: int) -> list[dict]:
-    vocab = int(manifest["config"]["text"]["bert"].get("vocab_size", 100))
-    out = []
-    for t in manifest["graphs"][graph]["inputs"]:
-        shape = [batch if d == "batch" else (min(16, manifest["max_text_len"]) if d == "tokens" else d) for d in t["shape"]]
-        out.append({"name": t["name"], "dtype": t["dtype"], "shape": shape, "high": vocab})
-    return out
-
-
-def machine_fingerprint(device: torch.device) -> dict:
-    fp = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device.type}
-    if device.type == "cuda" and torch.cuda.is_available():
-        fp["gpu"] = torch.cuda.get_device_name(device)
-        fp["capability"] = list(torch.cuda.get_device_capability(device))
-    return json.loads(json.dumps(fp))

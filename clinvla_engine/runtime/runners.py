@@ -8,6 +8,7 @@ their ``run`` then holds a per-graph lock.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -15,10 +16,8 @@ from typing import Any, Callable
 import torch
 
 from .. import backends
-from .bundle import BundleError
-
-DTYPES = {"float32": torch.float32, "int64": torch.int64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float16}
+from .bundle import BundleError, model_from_bundle
+from .graphs import PRECISION_DTYPES, graph_modules
 
 
 class Runner:
@@ -138,18 +137,45 @@ class OrtRunner(Runner):
 
 
 # ---- AOTInductor ---------------------------------------------------------------------------
-def load_aoti_package(path: Path, device: torch.device, constants: Path | None = None):
-    """A loaded .pt2 package; `constants` = a safetensors file for packages built without their
-    constants in the shared object (``aot_inductor.package_constants_in_so=False``)."""
+def _aoti_load_parameters() -> frozenset:
+    """The keyword arguments this torch's ``aoti_load_package`` takes. ``run_single_threaded``
+    came with torch 2.7 (pytorch PR 148601) and ``device_index`` with 2.8, so torch 2.11-2.14 take
+    both; the check keeps a torch that renames them from turning into a TypeError mid-load."""
     import torch._inductor
 
-    kwargs = {}
-    if device.type == "cuda":
-        kwargs["device_index"] = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        compiled = torch._inductor.aoti_load_package(str(path), **kwargs)
-    except TypeError:  # older torch without device_index
-        compiled = torch._inductor.aoti_load_package(str(path))
+        return frozenset(inspect.signature(torch._inductor.aoti_load_package).parameters)
+    except (TypeError, ValueError):  # a C-implemented or wrapped loader: assume the documented API
+        return frozenset({"path", "run_single_threaded", "device_index"})
+
+
+def aoti_load_kwargs(device: torch.device, single_threaded: bool) -> dict:
+    """The keyword arguments for ``aoti_load_package`` on `device`; raises BundleError when CUDA
+    graph replay needs ``run_single_threaded`` and this torch does not have it."""
+    params = _aoti_load_parameters()
+    kwargs = {}
+    if device.type == "cuda" and "device_index" in params:
+        kwargs["device_index"] = device.index if device.index is not None else torch.cuda.current_device()
+    if single_threaded:
+        # The default (multi-threaded) AOTI container records and queries CUDA events around each
+        # run; inside a CUDA graph capture that is "operation not permitted when stream is
+        # capturing", and the capture falls back to eager. Single-threaded mode skips that logic;
+        # the runner's per-graph lock already keeps calls from overlapping.
+        if "run_single_threaded" not in params:
+            raise BundleError(f"torch {torch.__version__}'s aoti_load_package has no run_single_threaded, which "
+                              "CUDA graph replay needs; load with cuda_graphs=False or use torch 2.11-2.14")
+        kwargs["run_single_threaded"] = True
+    return kwargs
+
+
+def load_aoti_package(path: Path, device: torch.device, constants: Path | None = None, *,
+                      single_threaded: bool = False):
+    """A loaded .pt2 package; `constants` = a safetensors file for packages built without their
+    constants in the shared object (``aot_inductor.package_constants_in_so=False``).
+    single_threaded=True when the package will be captured in CUDA graphs (see aoti_load_kwargs)."""
+    import torch._inductor
+
+    compiled = torch._inductor.aoti_load_package(str(path), **aoti_load_kwargs(device, single_threaded))
     if constants is not None:
         from safetensors.torch import load_file
 
@@ -180,11 +206,16 @@ class AotiRunner(_TorchCallRunner):
     def __init__(self, directory, manifest, device, cuda_graphs: bool = True):
         super().__init__(directory, manifest, device)
         self.static_shapes = device.type == "cuda" and cuda_graphs
+        if self.static_shapes and "run_single_threaded" not in _aoti_load_parameters():
+            # Capturing the default container fails anyway (see aoti_load_kwargs): say so once.
+            self.static_shapes = False
+            self.notes.append(f"CUDA graphs off: torch {torch.__version__}'s aoti_load_package has no "
+                              "run_single_threaded")
         self.modules = {}
         self.calls = {}
         for name, g in self.graphs.items():
             consts = directory / g["constants"] if g.get("constants") else None
-            module = load_aoti_package(directory / g["file"], device, consts)
+            module = load_aoti_package(directory / g["file"], device, consts, single_threaded=self.static_shapes)
             self.modules[name] = module
             call = (lambda m: (lambda *xs: m(*xs)))(module)
             self.calls[name] = CudaGraphs(call, self.notes, enabled=self.static_shapes)
@@ -201,9 +232,6 @@ class CompileRunner(_TorchCallRunner):
 
     def __init__(self, directory, manifest, device, cuda_graphs: bool = True):
         super().__init__(directory, manifest, device)
-        from ..export.graphs import graph_modules
-        from .engine import model_from_bundle
-
         dtype = PRECISION_DTYPES[manifest["precision"]]
         model = model_from_bundle(directory, manifest).to(device=device, dtype=dtype).eval()
         self.model = model
