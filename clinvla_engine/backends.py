@@ -141,3 +141,33 @@ def tensorrt() -> Availability:
     if not cuda():
         return Availability(False, f"TensorRT {trt.why} is installed but there is no GPU: {cuda().why}")
     return trt
+
+
+# ---- devices --------------------------------------------------------------------------------
+def resolve_device(name: "str | None" = None, flag: str = "--device"):
+    """The torch.device for a user's `name` (cpu, cuda, cuda:N; None = cuda when available, else
+    cpu), checked here once for train, eval and the CLI: an unknown name is a ValueError and a CUDA
+    device that is not there a BackendUnavailable, each saying what to pass instead."""
+    import torch
+
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "auto")):
+        return torch.device("cuda" if cuda() else "cpu")
+    if isinstance(name, torch.device):
+        name = str(name)
+    text = str(name).strip().lower()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {name!r}: not a device clinvla can use; pass cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not cuda():
+            raise BackendUnavailable(f"{flag} {name}: CUDA is unavailable here ({cuda().why}); pass {flag} cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise BackendUnavailable(
+                f"{flag} {name}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                "pass one of them"
+            )
+    return dev

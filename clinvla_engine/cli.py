@@ -5,7 +5,31 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+
+# kept in step with clinvla_engine.data.dataset.DEFAULT_MAX_BAD_FRACTION (a test checks); not imported,
+# so that `clinvla --help` does not import torch
+DEFAULT_MAX_BAD_FRACTION = 0.01
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1 (0 would train nothing or be silently ignored)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 such as 0.01, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (0.01 = 1%), got {value}")
+    return value
 
 
 def _cmd_synth(args) -> int:
@@ -23,35 +47,44 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .backends import resolve_device
     from .config import load_config
     from .train import train
 
+    resolve_device(args.device)  # before any work: a wrong --device is a clear error, not a traceback later
     cfg = load_config(args.config)
     if args.image_weights:
         cfg.vision.weights = args.image_weights
     if args.text_model:
         cfg.text.model = args.text_model
-    if args.batch_size:
+    if args.batch_size is not None:
         cfg.train.batch_size = args.batch_size
     result = train(cfg, args.data, args.out, max_steps=args.max_steps, epochs=args.epochs, resume=args.resume,
-                   device=args.device, progress=not args.quiet, preload=args.preload)
+                   device=args.device, progress=not args.quiet, preload=args.preload,
+                   max_bad_fraction=args.max_bad_fraction)
     print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.samples_per_s:.1f} samples/s), "
           f"final loss {result.final_loss:.4f}; checkpoint {result.out_dir / 'model.safetensors'}")
+    if result.skipped_studies:
+        print(f"skipped {len(result.skipped_studies)} studies whose images cannot be decoded "
+              f"(listed in {result.out_dir / 'metrics.jsonl'} as skipped_study records)")
     return 0
 
 
 def _cmd_eval(args) -> int:
+    from .backends import resolve_device
     from .evaluate import evaluate, format_table
     from .model import load_checkpoint
+    from .model.checkpoint import atomic_write_text
 
-    model = load_checkpoint(args.checkpoint, map_location=args.device or "cpu")
+    device = resolve_device(args.device)
+    model = load_checkpoint(args.checkpoint, map_location=device)
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     results = evaluate(model, args.data, protocols=protocols, split=args.split, seed=args.seed,
                        per_class=args.per_class, manifest_in=args.manifest, manifest_out=args.save_manifest,
-                       rsna_data=args.rsna_data, device=args.device)
+                       rsna_data=args.rsna_data, device=device, max_bad_fraction=args.max_bad_fraction)
     print(format_table(results, f"ClinVLA evaluation of {args.checkpoint} on {args.data} ({args.split})"))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return 0
 
@@ -95,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="small", help="preset (tiny, small, base) or JSON file (default small)")
     p.add_argument("--data", required=True, help="dataset folder (MIMIC-CXR-JPG layout, DICOM tree, ...)")
     p.add_argument("--out", required=True, help="output folder for the checkpoint, metrics and config")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
-    p.add_argument("--epochs", type=int, help="stop after this many epochs (overrides train.epochs)")
-    p.add_argument("--batch-size", type=int, help="per-process batch size (overrides train.batch_size)")
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps, >= 1 (overrides train.max_steps)")
+    p.add_argument("--epochs", type=_positive_int, help="stop after this many epochs, >= 1 (overrides train.epochs)")
+    p.add_argument("--batch-size", type=_positive_int, help="per-process batch size, >= 1 (overrides train.batch_size)")
+    p.add_argument("--max-bad-fraction", type=_fraction, default=None,
+                   help="stop when more than this share of the studies have images that cannot be decoded "
+                        f"(default {DEFAULT_MAX_BAD_FRACTION} = 1%%); fewer are skipped and listed in metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (weights, optimizer, schedule)")
     p.add_argument("--image-weights", help="timm/MAE/MRM ViT checkpoint to start the image encoder from")
     p.add_argument("--text-model", help="local Hugging Face BERT directory (CXR-BERT, BioClinicalBERT, ...)")
@@ -117,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-manifest", help="write the drawn sets (study ids, file hashes) here")
     p.add_argument("--rsna-data", help="RSNA Pneumonia folder for the rsna protocol")
     p.add_argument("--json", help="also write the results as JSON here")
-    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--max-bad-fraction", type=_fraction, default=DEFAULT_MAX_BAD_FRACTION,
+                   help="stop when more than this share of the evaluated studies have images that cannot be "
+                        "decoded (default 0.01 = 1%%); fewer are left out and listed")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="synthesise, train ClinVLA and a CLIP baseline, evaluate, write an HTML report")

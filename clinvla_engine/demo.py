@@ -82,6 +82,7 @@ def _config(name: str, settings: dict, seed: int, quick: bool) -> dict:
 
 def _train(name: str, cfg: dict, studies, out: Path):
     from .model import load_checkpoint
+    from .model.checkpoint import atomic_write_text
     from .train import train
 
     run = out / name
@@ -96,7 +97,7 @@ def _train(name: str, cfg: dict, studies, out: Path):
         result = train(cfg, studies, run, preload=True)
         info = {"config": cfg, "seconds": result.seconds, "samples_per_s": result.samples_per_s,
                 "steps": result.steps}
-        done.write_text(json.dumps(info))
+        atomic_write_text(done, json.dumps(info))  # a killed demo never leaves a "done" marker half-written
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return load_checkpoint(run).eval(), info, history
 
@@ -140,8 +141,10 @@ def run_demo(out: str | Path = "demo_out", studies: int | None = None, steps: in
     table = metrics_table(runs, results)
     retrievals = _retrievals(runs["clinvla"]["model"], dataset)
     html = _report_html(settings, runs, results, table, retrievals, out, time.perf_counter() - t0)
-    (out / "report.html").write_text(html)
-    (out / "results.json").write_text(json.dumps(
+    from .model.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "report.html", html)
+    atomic_write_text(out / "results.json", json.dumps(
         {name: {"results": results[name], "train": runs[name]["info"]} for name in runs}, indent=2, default=str))
     print()
     print(table)
@@ -236,7 +239,10 @@ def _report_html(settings, runs, results, table, retrievals, out: Path, seconds:
     import html
 
     png = _loss_plot(runs)
-    (out / "loss_curves.png").write_bytes(png)
+    from .model.checkpoint import atomic_output
+
+    with atomic_output(out / "loss_curves.png") as tmp:
+        tmp.write_bytes(png)
     rows = []
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -16,6 +16,11 @@ Protocols (classes from clinvla_engine.data.study):
 Sets are drawn with a fixed seed and saved as a manifest (study ids and SHA-256 of every image
 file), so that ``clinvla eval --manifest`` reproduces a result exactly, or refuses when a file
 changed.
+
+A study whose image cannot be decoded is left out of its set, logged, and listed in the results
+(``skipped_studies``); evaluation stops only when more than ``max_bad_fraction`` of the studies
+are bad. NaN or infinite embeddings are an EvaluationError naming the checkpoint, and ties in
+every ranking count against the right answer (see precision_at_k, recall_at_k).
 """
 from __future__ import annotations
 
@@ -30,37 +35,107 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data.dataset import Collate, StudyDataset, report_text
+from .data.dataset import DEFAULT_MAX_BAD_FRACTION, BadStudyLog, Collate, StudyDataset, report_text
 from .data.study import CLASSES_5X200, CLASSES_8X200, DatasetError, Study
+from .eval_prompts import PROMPTS, QUERY_TEXTS
+from .model.checkpoint import atomic_write_text
 
 PROTOCOLS = ("5x200", "8x200", "instance", "rsna")
 MANIFEST_VERSION = 1
 
 
 # ---- embeddings -----------------------------------------------------------------------------
-@torch.no_grad()
-def embed_studies(model, studies: Sequence[Study], device=None, batch_size: int = 64,
-                  num_workers: int = 0) -> torch.Tensor:
-    """(N, E) L2-normalised study embeddings (all present views), in the order given."""
-    device = torch.device(device or next(model.parameters()).device)
+class EvaluationError(ValueError):
+    """A model whose outputs cannot be scored (NaN or infinite embeddings); names the checkpoint."""
+
+
+def model_source(model) -> str:
+    """How to name `model` in an error: its checkpoint file when it was loaded from one."""
+    path = getattr(model, "checkpoint_path", None)
+    return f"checkpoint {path}" if path else "the model (not loaded from a checkpoint file)"
+
+
+def check_finite(emb: torch.Tensor, what: str, names: Sequence[str], source: str) -> None:
+    """EvaluationError when a row of `emb` (N, E) is not finite: a NaN row would compare false
+    with everything and, counted as a tie, rank anywhere; it means broken weights, never a score."""
+    bad = ~torch.isfinite(emb).all(dim=1)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise EvaluationError(
+            f"{source} gives NaN or infinite {what} embeddings for {len(rows)} of {len(emb)} inputs "
+            f"(e.g. {', '.join(str(names[i]) for i in rows[:3])}); its weights are corrupt or training diverged: "
+            "evaluate an earlier checkpoint or retrain with a lower train.lr"
+        )
+
+
+def check_finite_weights(model, source: str | None = None) -> None:
+    """EvaluationError naming the checkpoint and the first tensors with NaN or infinite values. Not
+    every such weight shows in the embeddings (a NaN in one attention logit can vanish in the
+    softmax), so the weights are checked too: a model holding one is broken either way."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise EvaluationError(
+            f"{source or model_source(model)} has NaN or infinite values in {len(bad)} weight tensor(s) "
+            f"({', '.join(bad[:3])}); its training diverged or the file was written from a broken model: "
+            "evaluate an earlier checkpoint or retrain with a lower train.lr"
+        )
+
+
+def _embed_batches(model, ds: StudyDataset, device, batch_size: int, num_workers: int, bad: BadStudyLog | None):
+    """(embeddings (M, E), kept dataset indices) over `ds`, recording skipped studies in `bad`."""
     v = model.config.vision
     two = v.num_views == 2
-    ds = StudyDataset(studies, v.image_size, v.pixel_mean, v.pixel_std, train=False,
-                      two_views=two, need_reports=False)
     model.eval()
-    out = []
+    out, kept = [], []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=Collate(None), num_workers=num_workers):
+        if bad is not None and batch.get("bad"):
+            bad.record(batch["bad"])
+        if "frontal" not in batch:
+            continue
         emb = model.encode_images(
             batch["frontal"].to(device),
             batch["lateral"].to(device) if two else None,
             batch["lateral_present"].to(device) if two else None,
         )
         out.append(emb.float().cpu())
-    return torch.cat(out)
+        kept += batch["index"].tolist()
+    width = model.config.embed_dim
+    return (torch.cat(out) if out else torch.empty(0, width)), kept
+
+
+def _study_dataset(model, studies, on_bad: str) -> StudyDataset:
+    v = model.config.vision
+    return StudyDataset(studies, v.image_size, v.pixel_mean, v.pixel_std, train=False,
+                        two_views=v.num_views == 2, need_reports=False, on_bad=on_bad)
 
 
 @torch.no_grad()
-def embed_texts(model, texts: Sequence[str], device=None, batch_size: int = 128) -> torch.Tensor:
+def embed_studies(model, studies: Sequence[Study], device=None, batch_size: int = 64,
+                  num_workers: int = 0) -> torch.Tensor:
+    """(N, E) L2-normalised study embeddings (all present views), in the order given. An image
+    that cannot be decoded raises (see embed_available_studies to skip such studies)."""
+    device = torch.device(device or next(model.parameters()).device)
+    emb, _ = _embed_batches(model, _study_dataset(model, studies, "raise"), device, batch_size, num_workers, None)
+    check_finite(emb, "image", [s.study_id for s in studies], model_source(model))
+    return emb
+
+
+@torch.no_grad()
+def embed_available_studies(model, studies: Sequence[Study], bad: BadStudyLog, device=None,
+                            batch_size: int = 64, num_workers: int = 0,
+                            source: str | None = None) -> tuple[torch.Tensor, list[int]]:
+    """(M, E) embeddings of the studies whose images decode, and their positions in `studies`;
+    the others are logged in `bad`, which raises once their share passes its threshold."""
+    device = torch.device(device or next(model.parameters()).device)
+    bad.expect(s.study_id for s in studies)
+    emb, kept = _embed_batches(model, _study_dataset(model, studies, "skip"), device, batch_size, num_workers, bad)
+    check_finite(emb, "image", [studies[i].study_id for i in kept], source or model_source(model))
+    return emb, kept
+
+
+@torch.no_grad()
+def embed_texts(model, texts: Sequence[str], device=None, batch_size: int = 128,
+                source: str | None = None) -> torch.Tensor:
     """(N, E) L2-normalised text embeddings."""
     device = torch.device(device or next(model.parameters()).device)
     model.eval()
@@ -68,26 +143,60 @@ def embed_texts(model, texts: Sequence[str], device=None, batch_size: int = 128)
     for i in range(0, len(texts), batch_size):
         ids, mask = model.tokenize(list(texts[i:i + batch_size]), device=device)
         out.append(model.encode_text((ids, mask)).float().cpu())
-    return torch.cat(out)
+    emb = torch.cat(out)
+    check_finite(emb, "text", [repr(t[:40]) for t in texts], source or model_source(model))
+    return emb
 
 
 # ---- metrics ----------------------------------------------------------------------------------
+# Ties are scored pessimistically, everywhere: an item with the same score as the right answer
+# ranks ahead of it. Otherwise a collapsed model (every embedding the same) would find every
+# study's own report "first" and score R@1 = 1; with this rule it scores what it knows, nothing.
+def _check_scores(sim: torch.Tensor) -> None:
+    if not torch.isfinite(sim).all():
+        raise EvaluationError(
+            "the similarity matrix has NaN or infinite entries; rank metrics are undefined for them "
+            "(check_finite on the embeddings names the model that produced them)"
+        )
+
+
 def precision_at_k(sim: torch.Tensor, query_labels: torch.Tensor, item_labels: torch.Tensor,
                    ks: Sequence[int], exclude_self: bool = False) -> dict[str, float]:
-    """Mean fraction of the top-k items whose class equals the query's class."""
+    """Mean fraction of the top-k items whose class equals the query's class.
+
+    sim: (Q, N) scores. Among items of equal score, those of another class are ranked first
+    (pessimistic), so the result never depends on the order of the items."""
+    _check_scores(sim)
     if exclude_self:
         sim = sim.clone().fill_diagonal_(-float("inf"))
     kmax = min(max(ks), sim.shape[1])
-    top = sim.topk(kmax, dim=1).indices
-    hits = (item_labels[top] == query_labels[:, None]).float()
+    hit_all = item_labels[None, :] == query_labels[:, None]  # (Q, N) bool
+    # two stable sorts: misses before hits, then by score (descending); stability keeps the misses
+    # ahead of the hits that share their score
+    by_hit = torch.sort(hit_all.to(torch.int8), dim=1, stable=True).indices
+    by_score = torch.sort(sim.gather(1, by_hit), dim=1, descending=True, stable=True).indices
+    hits = hit_all.gather(1, by_hit.gather(1, by_score))[:, :kmax].float()
     return {f"P@{k}": hits[:, :min(k, kmax)].mean().item() for k in ks}
 
 
 def recall_at_k(sim: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """Instance retrieval: the i-th query's target is item i."""
+    """Instance retrieval: the i-th query's target is item i. sim: (Q, N) with N >= Q.
+
+    rank = the number of other items scoring at least as high as the target (0 = first), so a
+    tie counts against the target."""
+    _check_scores(sim)
     target = sim.diagonal()[:, None]
-    rank = (sim > target).sum(dim=1)  # 0 = first
+    rank = (sim >= target).sum(dim=1) - 1  # minus the target itself
     return {f"R@{k}": (rank < k).float().mean().item() for k in ks}
+
+
+def pessimistic_argmax(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Predicted class per row of `scores` (N, C); when the true class ties for the top score with
+    another class, the prediction is that other class (a tie is never a correct answer)."""
+    top = scores.max(dim=1, keepdim=True).values
+    wrong_tied = scores == top
+    wrong_tied[torch.arange(len(labels)), labels] = False
+    return torch.where(wrong_tied.any(dim=1), wrong_tied.to(torch.int8).argmax(dim=1), scores.argmax(dim=1))
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -186,12 +295,10 @@ def resolve_manifest_entries(entries: list[dict], by_id: dict[str, Study], where
 
 # ---- protocols --------------------------------------------------------------------------------
 def _labels(pairs, classes) -> torch.Tensor:
-    return torch.tensor([classes.index(c) for _, c in pairs])
+    return torch.tensor([classes.index(c) for _, c in pairs], dtype=torch.long)
 
 
 def _class_prompt_embeddings(model, classes, device) -> torch.Tensor:
-    from .data.reports import PROMPTS
-
     rows = []
     for c in classes:
         emb = embed_texts(model, PROMPTS[c], device)
@@ -199,28 +306,39 @@ def _class_prompt_embeddings(model, classes, device) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def protocol_5x200(model, pairs, device) -> dict:
+def _embed_pairs(model, pairs, device, bad: BadStudyLog):
+    """Embeddings of the pairs' studies that decode, and those pairs."""
+    emb, kept = embed_available_studies(model, [s for s, _ in pairs], bad, device)
+    if pairs and not kept:  # only reachable with max_bad_fraction = 1: nothing is left to score
+        raise DatasetError(
+            f"none of the {len(pairs)} studies of {bad.where} has an image that can be decoded "
+            f"(first: {bad.entries()[0]['path']}: {bad.entries()[0]['reason']}); check the files"
+        )
+    return emb, [pairs[i] for i in kept]
+
+
+def protocol_5x200(model, pairs, device, bad: BadStudyLog | None = None) -> dict:
+    bad = bad if bad is not None else BadStudyLog(where="the 5x200 set")
+    img, pairs = _embed_pairs(model, pairs, device, bad)
     labels = _labels(pairs, CLASSES_5X200)
     studies = [s for s, _ in pairs]
-    img = embed_studies(model, studies, device)
     txt = embed_texts(model, [report_text(s.report) for s in studies], device)
     sim = img @ txt.t()
     res = {f"i2t_{k}": v for k, v in precision_at_k(sim, labels, labels, (5, 10, 100)).items()}
     res.update({f"instance_i2t_{k}": v for k, v in recall_at_k(sim, (1, 5, 10)).items()})
     res.update({f"instance_t2i_{k}": v for k, v in recall_at_k(sim.t(), (1, 5, 10)).items()})
     class_emb = _class_prompt_embeddings(model, CLASSES_5X200, device)
-    pred = (img @ class_emb.t()).argmax(dim=1)
+    pred = pessimistic_argmax(img @ class_emb.t(), labels)
     res["zeroshot_accuracy"] = (pred == labels).float().mean().item()
     res["zeroshot_macro_f1"] = sum(f1_score(pred, labels, c) for c in range(len(CLASSES_5X200))) / len(CLASSES_5X200)
     res["n"] = len(pairs)
     return res
 
 
-def protocol_8x200(model, pairs, query_pairs, device) -> dict:
-    from .data.reports import QUERY_TEXTS
-
+def protocol_8x200(model, pairs, query_pairs, device, bad: BadStudyLog | None = None) -> dict:
+    bad = bad if bad is not None else BadStudyLog(where="the 8x200 set")
+    img, pairs = _embed_pairs(model, pairs, device, bad)
     labels = _labels(pairs, CLASSES_8X200)
-    img = embed_studies(model, [s for s, _ in pairs], device)
     texts, text_labels = [], []
     for i, c in enumerate(CLASSES_8X200):
         texts += QUERY_TEXTS[c][:10]
@@ -228,7 +346,7 @@ def protocol_8x200(model, pairs, query_pairs, device) -> dict:
     txt = embed_texts(model, texts, device)
     res = {f"t2i_{k}": v for k, v in precision_at_k(txt @ img.t(), torch.tensor(text_labels), labels, (5, 10, 50)).items()}
     if query_pairs:
-        q = embed_studies(model, [s for s, _ in query_pairs], device)
+        q, query_pairs = _embed_pairs(model, query_pairs, device, bad)
         res.update({f"i2i_{k}": v for k, v in
                     precision_at_k(q @ img.t(), _labels(query_pairs, CLASSES_8X200), labels, (5, 10, 50)).items()})
     res["n"] = len(pairs)
@@ -237,18 +355,17 @@ def protocol_8x200(model, pairs, query_pairs, device) -> dict:
     return res
 
 
-def protocol_rsna(model, pairs, device) -> dict:
+def protocol_rsna(model, pairs, device, bad: BadStudyLog | None = None) -> dict:
     """pairs: (study, "Pneumonia" | "Normal")."""
-    from .data.reports import PROMPTS
-
-    studies = [s for s, _ in pairs]
+    bad = bad if bad is not None else BadStudyLog(where="the RSNA set")
+    img, pairs = _embed_pairs(model, pairs, device, bad)
     labels = torch.tensor([1 if c == "Pneumonia" else 0 for _, c in pairs])
-    img = embed_studies(model, studies, device)
     class_emb = torch.stack([F.normalize(embed_texts(model, PROMPTS[c], device).mean(0), dim=-1)
                              for c in ("No Finding", "Pneumonia")])
     logits = img @ class_emb.t() * float(model.temperatures()[0].detach())
     prob = logits.softmax(dim=1)[:, 1]
-    pred = (prob >= 0.5).long()
+    pred = (prob > 0.5).long()
+    pred = torch.where(prob == 0.5, 1 - labels, pred)  # a tie is never a correct answer
     return {"auroc": auroc(prob, labels), "accuracy": (pred == labels).float().mean().item(),
             "f1": f1_score(pred, labels), "n": len(pairs)}
 
@@ -278,11 +395,14 @@ def evaluate(
     manifest_out: str | Path | None = None,
     rsna_data: "str | Path | Sequence[Study] | None" = None,
     device=None,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> dict:
-    """Runs the protocols; returns {"protocol": {metric: value}, "manifest": path or None}."""
+    """Runs the protocols; returns {"protocol": {metric: value}, "manifest": path or None,
+    "skipped_studies": [{"study_id", "path", "reason"}, ...] (the studies that could not be decoded)}."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    check_finite_weights(model)
     studies = _load(data)
     pool = [s for s in studies if (s.split or "train") == split] if split != "all" else studies
     if not pool:
@@ -295,6 +415,7 @@ def evaluate(
             raise DatasetError(f"manifest {manifest_in}: version {manifest.get('version')} is not {MANIFEST_VERSION}")
     results: dict = {}
     where = str(manifest_in or "manifest")
+    bad = BadStudyLog(max_bad_fraction, where=f"the evaluation sets of {data if isinstance(data, (str, Path)) else 'the dataset'}")
 
     def get_set(name, draw):
         if name in manifest["sets"]:
@@ -305,7 +426,7 @@ def evaluate(
 
     if "5x200" in protocols or "instance" in protocols:
         sets = get_set("5x200", lambda: {"candidates": draw_class_set(pool, CLASSES_5X200, per_class, seed)[0]})
-        r = protocol_5x200(model, sets["candidates"], device)
+        r = protocol_5x200(model, sets["candidates"], device, bad)
         if "5x200" in protocols:
             results["5x200"] = {k: v for k, v in r.items() if not k.startswith("instance")}
         if "instance" in protocols:
@@ -317,7 +438,7 @@ def evaluate(
             return {"candidates": cand, "queries": q}
 
         sets = get_set("8x200", draw8)
-        results["8x200"] = protocol_8x200(model, sets["candidates"], sets.get("queries", []), device)
+        results["8x200"] = protocol_8x200(model, sets["candidates"], sets.get("queries", []), device, bad)
     if "rsna" in protocols:
         rsna_studies = _load(rsna_data) if rsna_data is not None else pool
         rsna_by_id = {s.study_id: s for s in rsna_studies}
@@ -326,14 +447,13 @@ def evaluate(
         else:
             pairs = draw_rsna_set(rsna_studies, per_class, seed + 2)
             manifest["sets"]["rsna"] = {"candidates": [manifest_entry(s, c) for s, c in pairs]}
-        results["rsna"] = protocol_rsna(model, pairs, device)
+        results["rsna"] = protocol_rsna(model, pairs, device, bad)
     if manifest_out:
         path = Path(manifest_out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(manifest, indent=1))
         results["manifest"] = str(path)
+    results["skipped_studies"] = bad.entries()
     return results
 
 
@@ -346,13 +466,21 @@ def _load(data) -> list[Study]:
 
 
 @torch.no_grad()
-def quick_validation(model, studies: Sequence[Study], device=None, limit: int = 256) -> dict:
-    """Instance retrieval R@1/R@5 both ways on up to `limit` validation studies (during training)."""
+def quick_validation(model, studies: Sequence[Study], device=None, limit: int = 256,
+                     bad: BadStudyLog | None = None, source: str | None = None) -> dict:
+    """Instance retrieval R@1/R@5 both ways on up to `limit` validation studies (during training).
+
+    `bad` logs the studies that cannot be decoded (default: the default threshold); `source`
+    names the model in errors (training passes its output folder and step)."""
     subset = [s for s in sorted(studies, key=lambda s: s.study_id) if s.report][:limit]
     if len(subset) < 2:
         return {}
-    img = embed_studies(model, subset, device)
-    txt = embed_texts(model, [report_text(s.report) for s in subset], device)
+    bad = bad if bad is not None else BadStudyLog(where="the validation split")
+    img, kept = embed_available_studies(model, subset, bad, device, source=source)
+    subset = [subset[i] for i in kept]
+    if len(subset) < 2:
+        return {}
+    txt = embed_texts(model, [report_text(s.report) for s in subset], device, source=source)
     sim = img @ txt.t()
     out = {f"i2t_{k}": v for k, v in recall_at_k(sim, (1, 5)).items()}
     out.update({f"t2i_{k}": v for k, v in recall_at_k(sim.t(), (1, 5)).items()})
@@ -360,7 +488,7 @@ def quick_validation(model, studies: Sequence[Study], device=None, limit: int = 
 
 
 def format_table(results: dict, title: str = "") -> str:
-    """A readable table: one line per protocol metric."""
+    """A readable table: one line per protocol metric, then the skipped studies."""
     lines = [title] if title else []
     for proto, metrics in results.items():
         if not isinstance(metrics, dict):
@@ -368,4 +496,8 @@ def format_table(results: dict, title: str = "") -> str:
         items = [f"{k} {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"{k} {v}"
                  for k, v in metrics.items()]
         lines.append(f"{proto:>9}: " + ", ".join(items))
+    skipped = results.get("skipped_studies") or []
+    if skipped:
+        lines.append(f"  skipped: {len(skipped)} studies whose images cannot be decoded, e.g. "
+                     + "; ".join(f"{e['study_id']} ({e['path']}: {e['reason']})" for e in skipped[:3]))
     return "\n".join(lines)

@@ -34,3 +34,35 @@ def test_errors_name_the_input_and_exit_2(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["train", "--config", "tiny", "--data", str(tmp_path / "void"), "--out", str(tmp_path / "r")]) == 2
     assert "void" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--max-steps", "-2"), ("--epochs", "0"),
+                                         ("--epochs", "-1"), ("--batch-size", "0"), ("--max-bad-fraction", "1.5")])
+def test_train_refuses_counts_that_would_train_nothing(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r"), flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_unusable_devices_are_clear_errors(tmp_path, capsys, command):
+    import torch
+
+    args = {"train": ["train", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")],
+            "eval": ["eval", str(tmp_path / "model.safetensors"), "--data", str(tmp_path)]}[command]
+    assert main(args + ["--device", "tpu"]) == 2
+    assert "--device 'tpu': not a device clinvla can use; pass cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(args + ["--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is unavailable here" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_cli_default_bad_fraction_is_the_library_default():
+    from clinvla_engine import cli
+    from clinvla_engine.data.dataset import DEFAULT_MAX_BAD_FRACTION
+
+    assert cli.DEFAULT_MAX_BAD_FRACTION == DEFAULT_MAX_BAD_FRACTION

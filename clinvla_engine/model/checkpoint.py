@@ -6,12 +6,27 @@ without guessing. ``clinvla train`` writes ``<out>/model.safetensors`` (plus ``c
 people to read). A ``.pt`` file is accepted too, opened only with ``torch.load(weights_only=True)``:
 ``{"clinvla_config": <json str>, "clinvla_tokenizer": <json str>, "state_dict": {...}}``; a pickle
 that would need to run code is refused.
+
+Integrity: the metadata carries ``content_sha256``, a SHA-256 over the other metadata and every
+tensor (name, dtype, shape, bytes), so a flipped bit anywhere in the weights or the config is
+refused at load with the file named, instead of loading silently. A checkpoint written before
+this digest existed still loads, with a ``CheckpointWarning`` that says it was not verified and
+how to add the digest (load it and save it again).
+
+Every file is written to a unique temporary name in the target folder, flushed to disk and
+renamed into place (``atomic_output``), so two writers never share a temporary file and a crash
+never leaves a half-written file under the real name.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import uuid
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -21,10 +36,69 @@ from .text import Tokenizer
 
 CHECKPOINT_FORMAT = "clinvla-checkpoint"
 WEIGHTS_NAME = "model.safetensors"
+DIGEST_KEY = "content_sha256"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but could not be fully verified (written before content_sha256)."""
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Makes a rename in `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name(path: Path) -> Path:
+    """A unique hidden temporary name beside `path` (same folder, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_output(p) as tmp: write(tmp)``: on success `tmp` is fsynced and renamed to `p`
+    (then the folder is fsynced); on an error `tmp` is removed and `p` is untouched."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def content_digest(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over the metadata (without the digest itself) and every tensor's name, dtype,
+    shape and raw bytes, in name order: independent of how the file lays them out."""
+    h = hashlib.sha256(b"clinvla-content-v1\0")
+    h.update(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def state_for_saving(model: ClinVLA) -> dict[str, torch.Tensor]:
@@ -51,16 +125,17 @@ def save_checkpoint(model: ClinVLA, path: str | os.PathLike, extra: dict | None 
         path.mkdir(parents=True, exist_ok=True)
         path = path / WEIGHTS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     meta = checkpoint_metadata(model, extra)
     state = state_for_saving(model)
-    if path.suffix == ".pt":
-        torch.save({**meta, "state_dict": state}, tmp)
-    else:
-        save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint under the real name
+    meta[DIGEST_KEY] = content_digest(state, meta)
+    # atomic: a crash never leaves a half-written checkpoint under the real name
+    with atomic_output(path) as tmp:
+        if path.suffix == ".pt":
+            torch.save({**meta, "state_dict": state}, tmp)
+        else:
+            save_file(state, str(tmp), metadata=meta)
     if path.name == WEIGHTS_NAME:  # a readable copy beside the weights; the weights carry their own
-        (path.parent / "config.json").write_text(model.config.to_json())
+        atomic_write_text(path.parent / "config.json", model.config.to_json())
     return path
 
 
@@ -76,7 +151,10 @@ def _resolve(path: Path) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ClinVLAConfig, dict, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, tokenizer state, state dict, metadata) of a checkpoint, without building the model."""
+    """(config, tokenizer state, state dict, metadata) of a checkpoint, without building the model.
+
+    The content digest is checked: CheckpointError when it differs, CheckpointWarning when the
+    checkpoint predates it."""
     path = _resolve(Path(path))
     if path.suffix == ".pt":
         try:
@@ -104,6 +182,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[ClinVLAConfig, dict, dict[
             f"checkpoint {path} is not a ClinVLA checkpoint: it has no clinvla_config metadata "
             "(expected a file written by `clinvla train` or clinvla_engine.model.save_checkpoint)"
         )
+    _verify(path, state, meta)
     try:
         config = ClinVLAConfig.from_dict(json.loads(meta["clinvla_config"]), where=f"checkpoint {path}")
         tokenizer = json.loads(meta["clinvla_tokenizer"])
@@ -112,8 +191,31 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[ClinVLAConfig, dict, dict[
     return config, tokenizer, state, meta
 
 
+def _verify(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    expected = meta.get(DIGEST_KEY)
+    if expected is None:
+        warnings.warn(
+            f"checkpoint {path} has no {DIGEST_KEY} (written by an older clinvla-engine): its weights were "
+            "loaded without an integrity check. Load it and save it again with "
+            "clinvla_engine.model.save_checkpoint to add one.",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+        return
+    actual = content_digest(state, meta)
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its content SHA-256 is {actual[:16]}..., the one recorded when it "
+            f"was written is {expected[:16]}... (a changed byte in the weights or metadata: disk or copy "
+            "error, or an edited file); restore it from a backup or from the training run's checkpoints"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ClinVLA:
-    """Rebuilds the model from a checkpoint's own config and loads its weights (strict)."""
+    """Rebuilds the model from a checkpoint's own config and loads its weights (strict).
+
+    The model remembers where it came from (``model.checkpoint_path``), so that evaluation can
+    name the checkpoint when its outputs are unusable (NaN)."""
     config, tok_state, state, _ = read_checkpoint(path)
     model = ClinVLA(config, pretrained=False, tokenizer=Tokenizer.from_state(tok_state))
     own = model.state_dict()
@@ -127,4 +229,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{len(bad_shape)} of another shape ({', '.join(bad_shape[:5])})"
         )
     model.load_state_dict(state)
+    model.checkpoint_path = str(_resolve(Path(path)))
     return model.to(map_location)
