@@ -1,6 +1,6 @@
 """Fused Triton kernels for GLoRIA's local (word-to-region) alignment, forward and backward.
 
-Maths (per image k with regions r_m, text i with words e_j; see clinvla_engine.losses.local_align)::
+Maths (per image k with regions r_m, text i with words e_j; GLoRIA's local similarity)::
 
     a[m, j]     = r_m . e_j
     p[m, j]     = exp(a[m, j] - L[m]),        L[m] = log sum_j exp a[m, j]       (real words j)
@@ -26,21 +26,31 @@ Kernels (one program per image-text pair and block of words):
                  sums F[m] = sum_j p dp (atomics over word blocks) and dtau1;
 * ``_bwd_row``   the word-softmax row term: da -= p * F[m].
 
-Inputs are float32 (dot products in IEEE float32) or bfloat16 (tensor-core dots, float32
-accumulation). D any size up to 1024 (padded to a power of two), T up to 256, M any size.
+Inputs are float32 or bfloat16; every dot runs on tensor cores with float32 accumulation. float32
+dots use ``tf32x3`` (each operand split into a TF32 high and low part, three TF32 products): IEEE
+FMA dots had no tensor-core instructions and spilled 7-176 KB per thread on sm_90, while tf32x3
+keeps float32 accuracy (error ~2^-21 relative per product, inside the tests' float32 bound). D up to
+1024 in bfloat16 and 256 in float32 (see MAX_D_FP32; padded to a power of two; ``_row_lse`` loops
+over D in chunks), T up to 256, M any size. Tiles and pipeline stages are chosen per shape by
+``launch_config`` so that every kernel fits the shared memory of an H200
+(tools/gpu_compile_check.py proves it without a GPU).
+
+The atomics that accumulate dR, dE and F are relaxed: they are pure sums, read only after the
+kernel ends, so the default acquire-release ordering would buy nothing and cost a fence each.
 
 Empty rows: a text with no real word or an image with no real region gives S = 0 for its pairs,
 with zero gradient, never NaN (the same convention as the reference).
+
+``local_align_ref`` (below) is the plain-PyTorch reference: test oracle, CPU fallback and benchmark
+baseline. It and the input checks live here, beside the kernel, so that clinvla_engine.losses
+imports this module and never the other way round.
 """
 from __future__ import annotations
 
-import torch
+import os
 
-from clinvla_engine.losses.local_align import (
-    COS_EPS,
-    check_local_inputs,
-    local_alignment_scores_ref,
-)
+import torch
+from torch.utils.checkpoint import checkpoint
 
 try:
     import triton
@@ -50,56 +60,178 @@ except ImportError:  # the package imports without Triton; clinvla_engine.backen
     tl = None
 
 MAX_T = 256
-MAX_D = 1024
+MAX_D = 1024  # bfloat16
+# float32 stops at 256: its tf32x3 dots stage a high and a low part of every D-wide operand, and at a
+# 1024-wide tile (D = 768) the backward needs 655,360 B of shared memory (the H200 has 232,448) and
+# spills 44 KB per thread. Larger D in float32 takes the reference (local_alignment_scores does
+# so by itself) until the kernels split D across programs.
+MAX_D_FP32 = 256
+COS_EPS = 1e-8  # GLoRIA uses torch's cosine_similarity eps: |c||e| clamped to at least 1e-8
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # reference: attention entries per chunk of images (64 MiB in float32)
 
-# The PyTorch reference: test oracle, CPU fallback and benchmark baseline.
-local_align_ref = local_alignment_scores_ref
+# The H200 (sm_90) allows 232,448 bytes of shared memory per block (opt-in). launch_config plans
+# for 160 KiB, leaving room for what its model does not count (layout-conversion scratch, dot
+# operands staged twice); tools/gpu_compile_check.py measures the real figure against the limit.
+SMEM_PLAN = 160 * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and the PyTorch reference
+# ----------------------------------------------------------------------------------------------
+
+def check_local_inputs(regions, words, word_mask, region_mask) -> torch.Tensor:
+    """Validates shapes, dtypes and devices; returns the region mask (all True when None)."""
+    if not isinstance(regions, torch.Tensor) or regions.dim() != 3:
+        raise ValueError(f"regions must be (B_img, M, D) float, got {_desc(regions)}")
+    if not isinstance(words, torch.Tensor) or words.dim() != 3:
+        raise ValueError(f"words must be (B_txt, T, D) float, got {_desc(words)}")
+    if regions.shape[2] != words.shape[2]:
+        raise ValueError(
+            f"regions and words must share D: regions is {tuple(regions.shape)}, words is {tuple(words.shape)}"
+        )
+    if regions.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"regions must be float32, float64, bfloat16 or float16, got {regions.dtype}")
+    if words.dtype != regions.dtype:
+        raise ValueError(f"words must have the dtype of regions ({regions.dtype}), got {words.dtype}")
+    if words.device != regions.device:
+        raise ValueError(f"words are on {words.device} but regions are on {regions.device}")
+    b_img, m, _ = regions.shape
+    b_txt, t, _ = words.shape
+    if not isinstance(word_mask, torch.Tensor) or word_mask.shape != (b_txt, t) or word_mask.dtype != torch.bool:
+        raise ValueError(f"word_mask must be ({b_txt}, {t}) bool (True = real word), got {_desc(word_mask)}")
+    if region_mask is None:
+        return torch.ones(b_img, m, dtype=torch.bool, device=regions.device)
+    if not isinstance(region_mask, torch.Tensor) or region_mask.shape != (b_img, m) or region_mask.dtype != torch.bool:
+        raise ValueError(f"region_mask must be ({b_img}, {m}) bool (True = real region) or None, got {_desc(region_mask)}")
+    if word_mask.device != regions.device or region_mask.device != regions.device:
+        raise ValueError(f"masks must be on {regions.device} like regions")
+    return region_mask
+
+
+def _desc(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {x.dtype} on {x.device}"
+    return type(x).__name__
+
+
+def _as_tensor(tau, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(tau, torch.Tensor):
+        return tau.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(tau), device=like.device, dtype=like.dtype)
+
+
+def _chunk_scores(
+    regions: torch.Tensor,  # (b, M, D) one chunk of images
+    words: torch.Tensor,  # (B_txt, T, D)
+    word_ok: torch.Tensor,  # (B_txt, T) bool, no all-False rows
+    region_ok: torch.Tensor,  # (b, M) bool, no all-False rows
+    tau1: torch.Tensor,
+    tau2: torch.Tensor,
+    tau3: torch.Tensor,
+) -> torch.Tensor:
+    neg = torch.finfo(regions.dtype).min
+    a = torch.einsum("kmd,itd->kimt", regions, words)  # (b, B_txt, M, T)
+    a = a.masked_fill(~word_ok[None, :, None, :], neg)
+    p = torch.softmax(a, dim=-1) * tau1  # over words
+    p = p.masked_fill(~region_ok[:, None, :, None], neg)
+    alpha = torch.softmax(p, dim=2)  # over regions
+    context = torch.einsum("kimt,kmd->kitd", alpha, regions)  # (b, B_txt, T, D)
+    dot = (context * words[None]).sum(-1)
+    norms = context.norm(dim=-1) * words.norm(dim=-1)[None]
+    cos = dot / norms.clamp_min(COS_EPS)  # (b, B_txt, T)
+    z = (tau2 * cos).masked_fill(~word_ok[None], neg)
+    return tau3 * torch.logsumexp(z, dim=-1)  # (b, B_txt)
+
+
+def local_align_ref(
+    regions: torch.Tensor,  # (B_img, M, D) float
+    words: torch.Tensor,  # (B_txt, T, D) float
+    word_mask: torch.Tensor,  # (B_txt, T) bool, True = real word
+    region_mask: torch.Tensor | None = None,  # (B_img, M) bool, True = real region
+    tau1: "float | torch.Tensor" = 4.0,
+    tau2: "float | torch.Tensor" = 5.0,
+    tau3: "float | torch.Tensor" = 10.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """S (B_img, B_txt) in the input dtype, exactly as GLoRIA's public ``local_loss`` computes it
+    (the maths above, with softmaxes and einsums); differentiable in every tensor input and
+    temperature; runs on any device and dtype.
+
+    Memory is bounded by processing the images in chunks of ``chunk_elements`` attention entries;
+    with gradients each chunk is recomputed in the backward pass (activation checkpointing), so the
+    quadratic intermediates of only one chunk are alive at a time.
+    """
+    region_mask = check_local_inputs(regions, words, word_mask, region_mask)
+    b_img, m, d = regions.shape
+    b_txt, t, _ = words.shape
+    if b_img == 0 or b_txt == 0:
+        return regions.new_zeros(b_img, b_txt) + 0.0 * (regions.sum() + words.sum())
+    t1, t2, t3 = (_as_tensor(x, regions) for x in (tau1, tau2, tau3))
+    has_word = word_mask.any(dim=1)  # (B_txt,)
+    has_region = region_mask.any(dim=1)  # (B_img,)
+    # Rows with nothing real get an all-True mask for the arithmetic (so no NaN can form, in the
+    # forward or the backward pass) and are zeroed at the end.
+    word_ok = word_mask | ~has_word[:, None]
+    region_ok = region_mask | ~has_region[:, None]
+    per_image = b_txt * max(m * t, t * d, 1)
+    step = max(1, min(b_img, chunk_elements // per_image))
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (regions, words, t1, t2, t3))
+    out = []
+    for k0 in range(0, b_img, step):
+        args = (regions[k0:k0 + step], words, word_ok, region_ok[k0:k0 + step], t1, t2, t3)
+        if grad and step < b_img:
+            out.append(checkpoint(_chunk_scores, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_scores(*args))
+    scores = torch.cat(out, dim=0)
+    valid = has_region[:, None] & has_word[None, :]
+    return scores.masked_fill(~valid, 0.0)
 
 
 def _interpret() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+# Integer arguments named in do_not_specialize are sizes or strides of small per-row vectors
+# (flags, L, N, F, statistics). Triton would otherwise compile a second kernel set when one of
+# them is 1 (B_TXT = 1: re-ranking) or divisible by 16 (M = 2048 against 392), for nothing: they
+# never address a feature tile, whose strides (and D) stay specialised because their divisibility
+# is what makes the tile loads and atomics vectorised.
 
 if triton is not None:
 
     @triton.jit
-    def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    def _mm(a, b, FP32: tl.constexpr, UPCAST: tl.constexpr):
         # UPCAST: the Triton CPU interpreter mis-multiplies bfloat16 dots, so it gets float32.
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            return tl.dot(a, b, input_precision="ieee")
+        elif FP32:
+            return tl.dot(a, b, input_precision="tf32x3")
         else:
             return tl.dot(a, b)
 
     @triton.jit
-    def _words(E, WOK, i, t0, T, D, s_eb, s_et, s_wb, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """A block of text i's words: offsets, in-range flags, features (BLOCK_T, BLOCK_D), real-word flags."""
+    def _tile(BASE, offs_row, row_in, s_row, d0, D, BLOCK_D: tl.constexpr):
+        """Rows offs_row (int64 offsets: an index can pass 2^31) x features d0 .. d0 + BLOCK_D."""
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        return tl.load(BASE + offs_row[:, None].to(tl.int64) * s_row + offs_d[None, :],
+                       mask=row_in[:, None] & (offs_d < D)[None, :], other=0.0)
+
+    @triton.jit
+    def _word_flags(WOK, i, t0, T, s_wb, BLOCK_T: tl.constexpr):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, BLOCK_D)
         t_in = offs_t < T
-        e = tl.load(E + i * s_eb + offs_t[:, None].to(tl.int64) * s_et + offs_d[None, :],
-                    mask=t_in[:, None] & (offs_d < D)[None, :], other=0.0)
         w_ok = (tl.load(WOK + i * s_wb + offs_t, mask=t_in, other=0) != 0) & t_in
-        return offs_t, t_in, e, w_ok
+        return offs_t, t_in, w_ok
 
     @triton.jit
-    def _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """A tile of image k's regions: offsets, in-range flags, features (BLOCK_M, BLOCK_D)."""
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_in = offs_m < M
-        r = tl.load(R + k * s_rb + offs_m[:, None].to(tl.int64) * s_rm + offs_d[None, :],
-                    mask=m_in[:, None] & (offs_d < D)[None, :], other=0.0)
-        return offs_m, m_in, r
-
-    @triton.jit
-    def _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    def _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, FP32: tl.constexpr, UPCAST: tl.constexpr):
         """a = r e^T and p = softmax over the real words (from the stored row normaliser L)."""
         lse = tl.load(L + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)
-        a = _mm(r, tl.trans(e), IEEE, UPCAST)  # (BLOCK_M, BLOCK_T)
+        a = _mm(r, tl.trans(e), FP32, UPCAST)  # (BLOCK_M, BLOCK_T)
         p = tl.exp(tl.where(w_ok[None, :], a - lse[:, None], float("-inf")))
         return a, p
 
@@ -107,46 +239,56 @@ if triton is not None:
     def _region_ok(ROK, k, s_ob, offs_m, m_in):
         return (tl.load(ROK + k * s_ob + offs_m, mask=m_in, other=0) != 0) & m_in
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B_TXT", "M", "T", "s_wb", "s_lk", "s_li"])
     def _row_lse(
         R, E, WOK, L,
         B_TXT, M, T, D,
         s_rb, s_rm, s_eb, s_et, s_wb, s_lk, s_li,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        FP32: tl.constexpr, UPCAST: tl.constexpr,
     ):
+        # BLOCK_T covers every word; D is walked in chunks of BLOCK_D, because a whole row of words
+        # at full D (256 x 1024 float32) cannot sit in shared memory.
         pair = tl.program_id(0).to(tl.int64)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_m, m_in, r = _regions(R, k, tl.program_id(1) * BLOCK_M, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
-        _, _, e, w_ok = _words(E, WOK, i, 0, T, D, s_eb, s_et, s_wb, BLOCK_T, BLOCK_D)  # every word
-        a = tl.where(w_ok[None, :], _mm(r, tl.trans(e), IEEE, UPCAST), float("-inf"))
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_in = offs_m < M
+        offs_t, t_in, w_ok = _word_flags(WOK, i, 0, T, s_wb, BLOCK_T)
+        a = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            r = _tile(R + k * s_rb, offs_m, m_in, s_rm, d0, D, BLOCK_D)
+            e = _tile(E + i * s_eb, offs_t, t_in, s_et, d0, D, BLOCK_D)
+            a += _mm(r, tl.trans(e), FP32, UPCAST)
+        a = tl.where(w_ok[None, :], a, float("-inf"))
         mx = tl.max(a, axis=1)
         lse = mx + tl.log(tl.sum(tl.exp(a - mx[:, None]), axis=1))
         tl.store(L + k * s_lk + i * s_li + offs_m, lse, mask=m_in)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B_TXT", "M", "T", "s_wb", "s_ob", "s_lk", "s_li", "s_ok", "s_oi"])
     def _fwd(
         R, E, WOK, ROK, L, TAU1, N_OUT, U_OUT, C2_OUT,
         B_TXT, M, T, D,
         s_rb, s_rm, s_eb, s_et, s_wb, s_ob, s_lk, s_li, s_ok, s_oi,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        FP32: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pair = tl.program_id(0).to(tl.int64)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_t, t_in, e, w_ok = _words(E, WOK, i, tl.program_id(1) * BLOCK_T, T, D, s_eb, s_et, s_wb,
-                                       BLOCK_T, BLOCK_D)
+        offs_t, t_in, w_ok = _word_flags(WOK, i, tl.program_id(1) * BLOCK_T, T, s_wb, BLOCK_T)
+        e = _tile(E + i * s_eb, offs_t, t_in, s_et, 0, D, BLOCK_D)
         tau1 = tl.load(TAU1)
         m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
         l_run = tl.zeros([BLOCK_T], tl.float32)
         u_acc = tl.zeros([BLOCK_T], tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_in = offs_m < M
+            r = _tile(R + k * s_rb, offs_m, m_in, s_rm, 0, D, BLOCK_D)
             r_ok = _region_ok(ROK, k, s_ob, offs_m, m_in)
-            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
+            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, FP32, UPCAST)
             # online softmax over regions (flash-style): running max, rescaled sums
             q = tl.where(r_ok[:, None], tau1 * p, float("-inf"))
             m_new = tl.maximum(m_run, tl.max(q, axis=0))
@@ -155,7 +297,7 @@ if triton is not None:
             w = tl.exp(q - m_safe[None, :])  # unnormalised alpha^T, (BLOCK_M, BLOCK_T)
             l_run = l_run * scale + tl.sum(w, axis=0)
             u_acc = u_acc * scale + tl.sum(w * a, axis=0)
-            acc = acc * scale[:, None] + _mm(tl.trans(w).to(r.dtype), r, IEEE, UPCAST)
+            acc = acc * scale[:, None] + _mm(tl.trans(w).to(r.dtype), r, FP32, UPCAST)
             m_run = m_new
         l_safe = tl.where(l_run > 0, l_run, 1.0)
         c = acc / l_safe[:, None]
@@ -164,19 +306,20 @@ if triton is not None:
         tl.store(U_OUT + out, u_acc / l_safe, mask=t_in)
         tl.store(C2_OUT + out, tl.sum(c * c, axis=1), mask=t_in)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B_TXT", "M", "T", "N_TBLK", "s_wb", "s_ob", "s_lk", "s_li", "s_ok", "s_oi"])
     def _bwd_main(
         R, E, WOK, ROK, L, N, GAM, DLT, DJ, TAU1, DR, DE, F, DTAU,
         B_TXT, M, T, D, N_TBLK,
         s_rb, s_rm, s_eb, s_et, s_wb, s_ob, s_lk, s_li, s_ok, s_oi, s_drb, s_drm, s_deb, s_det,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        FP32: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pair = tl.program_id(0).to(tl.int64)
         tblk = tl.program_id(1)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_t, t_in, e, w_ok = _words(E, WOK, i, tblk * BLOCK_T, T, D, s_eb, s_et, s_wb, BLOCK_T, BLOCK_D)
+        offs_t, t_in, w_ok = _word_flags(WOK, i, tblk * BLOCK_T, T, s_wb, BLOCK_T)
+        e = _tile(E + i * s_eb, offs_t, t_in, s_et, 0, D, BLOCK_D)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         tau1 = tl.load(TAU1)
@@ -189,11 +332,13 @@ if triton is not None:
         # pass A: the contexts c_j of this block of words (N is final, so no online softmax)
         ctx = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_in = offs_m < M
+            r = _tile(R + k * s_rb, offs_m, m_in, s_rm, 0, D, BLOCK_D)
             r_ok = _region_ok(ROK, k, s_ob, offs_m, m_in)
-            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
+            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, FP32, UPCAST)
             alpha = tl.where(r_ok[:, None], tl.exp(tau1 * p - n_j[None, :]), 0.0)
-            ctx += _mm(tl.trans(alpha).to(r.dtype), r, IEEE, UPCAST)
+            ctx += _mm(tl.trans(alpha).to(r.dtype), r, FP32, UPCAST)
         # d(loss)/dc_j and the direct part of d(loss)/de_j
         dc = gam[:, None] * e.to(tl.float32) + dlt[:, None] * ctx
         de_acc = gam[:, None] * ctx
@@ -201,58 +346,67 @@ if triton is not None:
         # pass B: through the region softmax and the word softmax (its row term waits for F)
         tau_part = tl.zeros([BLOCK_T], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_in = offs_m < M
+            r = _tile(R + k * s_rb, offs_m, m_in, s_rm, 0, D, BLOCK_D)
             r_ok = _region_ok(ROK, k, s_ob, offs_m, m_in)
-            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
+            a, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, FP32, UPCAST)
             alpha = tl.where(r_ok[:, None], tl.exp(tau1 * p - n_j[None, :]), 0.0)
             # dalpha[m, j] = r_m . dc_j. In bfloat16, dc is split into a high and a low bfloat16 part:
             # the region softmax backward subtracts D_j = sum_m alpha dalpha (computed exactly from
             # the forward's u and n2), and a singly rounded dc would break that cancellation.
-            if IEEE:
-                dalpha = _mm(r, tl.trans(dc), IEEE, UPCAST)
+            # (float32 needs no split: tf32x3 already carries dc's low part.)
+            if FP32:
+                dalpha = _mm(r, tl.trans(dc), FP32, UPCAST)
             else:
                 dc_hi = dc.to(r.dtype)
                 dc_lo = (dc - dc_hi.to(tl.float32)).to(r.dtype)
-                dalpha = _mm(r, tl.trans(dc_hi), IEEE, UPCAST) + _mm(r, tl.trans(dc_lo), IEEE, UPCAST)
+                dalpha = _mm(r, tl.trans(dc_hi), FP32, UPCAST) + _mm(r, tl.trans(dc_lo), FP32, UPCAST)
             dq = alpha * (dalpha - d_j[None, :])
             tau_part += tl.sum(dq * p, axis=0)
             pdp = p * (tau1 * dq)
-            tl.atomic_add(F + k * s_lk + i * s_li + offs_m, tl.sum(pdp, axis=1), mask=m_in)
-            dr = _mm(alpha.to(r.dtype), dc.to(r.dtype), IEEE, UPCAST) + _mm(pdp.to(r.dtype), e, IEEE, UPCAST)
+            tl.atomic_add(F + k * s_lk + i * s_li + offs_m, tl.sum(pdp, axis=1), mask=m_in, sem="relaxed")
+            dr = _mm(alpha.to(r.dtype), dc.to(r.dtype), FP32, UPCAST) + _mm(pdp.to(r.dtype), e, FP32, UPCAST)
             tl.atomic_add(DR + k * s_drb + offs_m[:, None].to(tl.int64) * s_drm + offs_d[None, :], dr,
-                          mask=m_in[:, None] & d_ok[None, :])
-            de_acc += _mm(tl.trans(pdp).to(r.dtype), r, IEEE, UPCAST)
+                          mask=m_in[:, None] & d_ok[None, :], sem="relaxed")
+            de_acc += _mm(tl.trans(pdp).to(r.dtype), r, FP32, UPCAST)
         tl.atomic_add(DE + i * s_deb + offs_t[:, None].to(tl.int64) * s_det + offs_d[None, :], de_acc,
-                      mask=t_in[:, None] & d_ok[None, :])
+                      mask=t_in[:, None] & d_ok[None, :], sem="relaxed")
         tl.store(DTAU + pair * N_TBLK + tblk, tl.sum(tau_part, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B_TXT", "M", "T", "s_wb", "s_lk", "s_li"])
     def _bwd_row(
         R, E, WOK, L, F, DR, DE,
         B_TXT, M, T, D,
         s_rb, s_rm, s_eb, s_et, s_wb, s_lk, s_li, s_drb, s_drm, s_deb, s_det,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        FP32: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pair = tl.program_id(0).to(tl.int64)
         k = pair // B_TXT
         i = pair % B_TXT
-        offs_t, t_in, e, w_ok = _words(E, WOK, i, tl.program_id(1) * BLOCK_T, T, D, s_eb, s_et, s_wb,
-                                       BLOCK_T, BLOCK_D)
+        offs_t, t_in, w_ok = _word_flags(WOK, i, tl.program_id(1) * BLOCK_T, T, s_wb, BLOCK_T)
+        e = _tile(E + i * s_eb, offs_t, t_in, s_et, 0, D, BLOCK_D)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         de_acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            offs_m, m_in, r = _regions(R, k, m0, M, D, s_rb, s_rm, BLOCK_M, BLOCK_D)
-            _, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, IEEE, UPCAST)
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_in = offs_m < M
+            r = _tile(R + k * s_rb, offs_m, m_in, s_rm, 0, D, BLOCK_D)
+            _, p = _word_softmax(r, e, w_ok, L, k, i, offs_m, m_in, s_lk, s_li, FP32, UPCAST)
             g = p * tl.load(F + k * s_lk + i * s_li + offs_m, mask=m_in, other=0.0)[:, None]  # p * F
-            dr = -_mm(g.to(r.dtype), e, IEEE, UPCAST)
+            dr = -_mm(g.to(r.dtype), e, FP32, UPCAST)
             tl.atomic_add(DR + k * s_drb + offs_m[:, None].to(tl.int64) * s_drm + offs_d[None, :], dr,
-                          mask=m_in[:, None] & d_ok[None, :])
-            de_acc -= _mm(tl.trans(g).to(r.dtype), r, IEEE, UPCAST)
+                          mask=m_in[:, None] & d_ok[None, :], sem="relaxed")
+            de_acc -= _mm(tl.trans(g).to(r.dtype), r, FP32, UPCAST)
         tl.atomic_add(DE + i * s_deb + offs_t[:, None].to(tl.int64) * s_det + offs_d[None, :], de_acc,
-                      mask=t_in[:, None] & d_ok[None, :])
+                      mask=t_in[:, None] & d_ok[None, :], sem="relaxed")
 
+
+# ----------------------------------------------------------------------------------------------
+# Launch plan and launchers
+# ----------------------------------------------------------------------------------------------
 
 def _alloc(*shape: int, device) -> torch.Tensor:
     """Float32 buffer for a kernel to fill (the tests replace this with a NaN-poisoned one)."""
@@ -263,17 +417,111 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (max(1, n) - 1).bit_length())
 
 
-def launch_config(m: int, t: int, d: int) -> dict:
-    """Block sizes: the whole (padded) D in one tile; word blocks sized to keep a tile of the
-    contexts (BLOCK_T x BLOCK_D float32) within 16K elements; region tiles of 16-64."""
+def _stages(tile_bytes: int, fixed_bytes: int, loops: int = 1) -> int:
+    """The most software-pipeline stages (3 down to 1) whose buffers fit the plan: each stage of
+    each loop holds one region tile; `fixed_bytes` are the loop-invariant operands."""
+    for stages in (3, 2):
+        if fixed_bytes + loops * stages * tile_bytes <= SMEM_PLAN:
+            return stages
+    return 1
+
+
+def launch_config(m: int, t: int, d: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Tiles, warps and pipeline stages for one (M, T, D, dtype), sized for the H200 (sm_90).
+
+    Registers: the context-like tiles (BLOCK_T x BLOCK_D float32: c, dc, dE) live in registers, up
+    to four at once in the backward, so a word block holds at most 4K of them (BLOCK_T 32 at
+    D = 128; 16K spilled 1-7 KB per thread). Region tiles hold at most 16 KB: up to 64 rows in
+    bfloat16 (the wgmma height) and 32 in float32, whose tf32x3 dots hold a high and a low part of
+    every operand (at D = 256, 32 float32 rows spilled 20 KB per thread, 16 rows under 1 KB).
+    Shared memory holds, per pipeline stage, the region tile the loop prefetches, plus the
+    loop-invariant operands (the word tile; in the backward also dc, as hi + lo in bfloat16):
+    the stage count is the largest that keeps that within SMEM_PLAN, counting float32 operands
+    twice (tf32x3's two parts). ``_row_lse`` needs all words of a row, so it walks D in chunks
+    (row_block_d) small enough for two stages of (regions + words) chunks.
+    tools/gpu_compile_check.py measures what Triton actually allocates.
+    """
+    size = 8 if dtype == torch.float32 else 2  # bytes per operand element as staged in shared memory
     block_d = _pow2(d)
     t_pad = _pow2(t)
-    block_t = min(t_pad, max(16, 16384 // block_d))
-    block_m = max(16, min(64, 8192 // block_d, _pow2(m)))
-    row_block_m = max(16, min(64, 8192 // max(block_d, t_pad)))
-    warps = 4 if block_d * block_t <= 4096 else 8
-    return dict(block_d=block_d, t_pad=t_pad, block_t=block_t, block_m=block_m, row_block_m=row_block_m,
-                num_warps=warps)
+    block_t = min(t_pad, max(16, 4096 // block_d))
+    block_m = max(16, min(32, 4096 // block_d) if dtype == torch.float32 else min(64, 8192 // block_d))
+    row_block_m = 64
+    row_block_d = block_d
+    while row_block_d > 16 and 2 * (row_block_m + t_pad) * row_block_d * size > SMEM_PLAN:
+        row_block_d //= 2
+    region_tile = block_m * block_d * size
+    word_tile = block_t * block_d * size
+    return dict(
+        block_d=block_d, t_pad=t_pad, block_t=block_t, block_m=block_m,
+        row_block_m=row_block_m, row_block_d=row_block_d, num_warps=8,
+        row_stages=_stages((row_block_m + t_pad) * row_block_d * size, 0),
+        fwd_stages=_stages(region_tile, word_tile),
+        bwd_main_stages=_stages(region_tile, 3 * word_tile, loops=2),  # e, and dc (hi + lo in bf16)
+        bwd_row_stages=_stages(region_tile, word_tile),
+    )
+
+
+def _launch_forward(regions, words, wok, rok, tau1_t):
+    """Runs _row_lse and _fwd; returns (L, N, u, n2). Inputs contiguous, masks uint8."""
+    b_img, m, d = regions.shape
+    b_txt, t, _ = words.shape
+    cfg = launch_config(m, t, d, regions.dtype)
+    dev = regions.device
+    lse = _alloc(b_img, b_txt, m, device=dev)
+    n_out = _alloc(b_img, b_txt, t, device=dev)
+    u_out = _alloc(b_img, b_txt, t, device=dev)
+    c2_out = _alloc(b_img, b_txt, t, device=dev)
+    flags = dict(FP32=regions.dtype == torch.float32, UPCAST=_interpret(), num_warps=cfg["num_warps"])
+    pairs = b_img * b_txt
+    _row_lse[(pairs, triton.cdiv(m, cfg["row_block_m"]))](
+        regions, words, wok, lse, b_txt, m, t, d,
+        regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0),
+        lse.stride(0), lse.stride(1),
+        BLOCK_M=cfg["row_block_m"], BLOCK_T=cfg["t_pad"], BLOCK_D=cfg["row_block_d"],
+        num_stages=cfg["row_stages"], **flags,
+    )
+    _fwd[(pairs, triton.cdiv(t, cfg["block_t"]))](
+        regions, words, wok, rok, lse, tau1_t, n_out, u_out, c2_out, b_txt, m, t, d,
+        regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0), rok.stride(0),
+        lse.stride(0), lse.stride(1), n_out.stride(0), n_out.stride(1),
+        BLOCK_M=cfg["block_m"], BLOCK_T=cfg["block_t"], BLOCK_D=cfg["block_d"],
+        num_stages=cfg["fwd_stages"], **flags,
+    )
+    return lse, n_out, u_out, c2_out
+
+
+def _launch_backward(regions, words, wok, rok, lse, n_out, u_out, c2_out, tau1_t, du, dc2):
+    """Runs _bwd_main and _bwd_row; returns (dR, dE, per-program dtau1 parts), all float32."""
+    b_img, m, d = regions.shape
+    b_txt, t, _ = words.shape
+    cfg = launch_config(m, t, d, regions.dtype)
+    dev = regions.device
+    gam = du
+    dlt = (2.0 * dc2).contiguous()
+    d_j = (gam * u_out + dlt * c2_out).contiguous()  # sum_m alpha dalpha = dc_j . c_j
+    dr = torch.zeros(b_img, m, d, device=dev, dtype=torch.float32)
+    de = torch.zeros(b_txt, t, d, device=dev, dtype=torch.float32)
+    f = torch.zeros(b_img, b_txt, m, device=dev, dtype=torch.float32)
+    n_tblk = triton.cdiv(t, cfg["block_t"])
+    pairs = b_img * b_txt
+    dtau = _alloc(pairs * n_tblk, device=dev)
+    common = dict(BLOCK_M=cfg["block_m"], BLOCK_T=cfg["block_t"], BLOCK_D=cfg["block_d"],
+                  FP32=regions.dtype == torch.float32, UPCAST=_interpret(), num_warps=cfg["num_warps"])
+    _bwd_main[(pairs, n_tblk)](
+        regions, words, wok, rok, lse, n_out, gam, dlt, d_j, tau1_t, dr, de, f, dtau,
+        b_txt, m, t, d, n_tblk,
+        regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0), rok.stride(0),
+        lse.stride(0), lse.stride(1), n_out.stride(0), n_out.stride(1), dr.stride(0), dr.stride(1),
+        de.stride(0), de.stride(1), num_stages=cfg["bwd_main_stages"], **common,
+    )
+    _bwd_row[(pairs, n_tblk)](
+        regions, words, wok, lse, f, dr, de, b_txt, m, t, d,
+        regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0),
+        lse.stride(0), lse.stride(1), dr.stride(0), dr.stride(1), de.stride(0), de.stride(1),
+        num_stages=cfg["bwd_row_stages"], **common,
+    )
+    return dr, de, dtau
 
 
 class _LocalAlignStats(torch.autograd.Function):
@@ -281,77 +529,38 @@ class _LocalAlignStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, regions, words, word_ok, region_ok, tau1):
-        b_img, m, d = regions.shape
-        b_txt, t, _ = words.shape
-        cfg = launch_config(m, t, d)
         dev = regions.device
         regions = regions.contiguous()
         words = words.contiguous()
         wok = word_ok.to(torch.uint8).contiguous()
         rok = region_ok.to(torch.uint8).contiguous()
         tau1_t = tau1.detach().to(device=dev, dtype=torch.float32).reshape(1).contiguous()
-        lse = _alloc(b_img, b_txt, m, device=dev)
-        n_out = _alloc(b_img, b_txt, t, device=dev)
-        u_out = _alloc(b_img, b_txt, t, device=dev)
-        c2_out = _alloc(b_img, b_txt, t, device=dev)
-        ieee = regions.dtype == torch.float32
-        upcast = _interpret()
-        pairs = b_img * b_txt
-        _row_lse[(pairs, triton.cdiv(m, cfg["row_block_m"]))](
-            regions, words, wok, lse, b_txt, m, t, d,
-            regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0),
-            lse.stride(0), lse.stride(1),
-            BLOCK_M=cfg["row_block_m"], BLOCK_T=cfg["t_pad"], BLOCK_D=cfg["block_d"], IEEE=ieee, UPCAST=upcast,
-            num_warps=cfg["num_warps"],
-        )
-        n_tblk = triton.cdiv(t, cfg["block_t"])
-        _fwd[(pairs, n_tblk)](
-            regions, words, wok, rok, lse, tau1_t, n_out, u_out, c2_out, b_txt, m, t, d,
-            regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0), rok.stride(0),
-            lse.stride(0), lse.stride(1), n_out.stride(0), n_out.stride(1),
-            BLOCK_M=cfg["block_m"], BLOCK_T=cfg["block_t"], BLOCK_D=cfg["block_d"], IEEE=ieee, UPCAST=upcast,
-            num_warps=cfg["num_warps"],
-        )
+        lse, n_out, u_out, c2_out = _launch_forward(regions, words, wok, rok, tau1_t)
         ctx.save_for_backward(regions, words, wok, rok, lse, n_out, u_out, c2_out, tau1_t)
-        ctx.cfg = cfg
         return u_out, c2_out
 
     @staticmethod
     def backward(ctx, du, dc2):
         regions, words, wok, rok, lse, n_out, u_out, c2_out, tau1_t = ctx.saved_tensors
-        cfg = ctx.cfg
-        b_img, m, d = regions.shape
-        b_txt, t, _ = words.shape
-        dev = regions.device
         du = torch.zeros_like(u_out) if du is None else du.float().contiguous()
         dc2 = torch.zeros_like(c2_out) if dc2 is None else dc2.float().contiguous()
-        gam = du
-        dlt = (2.0 * dc2).contiguous()
-        d_j = (gam * u_out + dlt * c2_out).contiguous()  # sum_m alpha dalpha = dc_j . c_j
-        dr = torch.zeros(b_img, m, d, device=dev, dtype=torch.float32)
-        de = torch.zeros(b_txt, t, d, device=dev, dtype=torch.float32)
-        f = torch.zeros(b_img, b_txt, m, device=dev, dtype=torch.float32)
-        n_tblk = triton.cdiv(t, cfg["block_t"])
-        pairs = b_img * b_txt
-        dtau = _alloc(pairs * n_tblk, device=dev)
-        ieee = regions.dtype == torch.float32
-        upcast = _interpret()
-        common = dict(BLOCK_M=cfg["block_m"], BLOCK_T=cfg["block_t"], BLOCK_D=cfg["block_d"], IEEE=ieee,
-                      UPCAST=upcast, num_warps=cfg["num_warps"])
-        _bwd_main[(pairs, n_tblk)](
-            regions, words, wok, rok, lse, n_out, gam, dlt, d_j, tau1_t, dr, de, f, dtau,
-            b_txt, m, t, d, n_tblk,
-            regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0), rok.stride(0),
-            lse.stride(0), lse.stride(1), n_out.stride(0), n_out.stride(1), dr.stride(0), dr.stride(1),
-            de.stride(0), de.stride(1), **common,
-        )
-        _bwd_row[(pairs, n_tblk)](
-            regions, words, wok, lse, f, dr, de, b_txt, m, t, d,
-            regions.stride(0), regions.stride(1), words.stride(0), words.stride(1), wok.stride(0),
-            lse.stride(0), lse.stride(1), dr.stride(0), dr.stride(1), de.stride(0), de.stride(1), **common,
-        )
+        dr, de, dtau = _launch_backward(regions, words, wok, rok, lse, n_out, u_out, c2_out, tau1_t, du, dc2)
         dtau1 = dtau.sum() if ctx.needs_input_grad[4] else None
         return dr.to(regions.dtype), de.to(words.dtype), None, None, dtau1
+
+
+def unsupported(t: int, d: int, dtype: torch.dtype) -> str | None:
+    """Why the kernel does not take T words of D features in `dtype`, or None when it does. The
+    dispatcher (clinvla_engine.losses) takes the reference then; tools/gpu_compile_check.py skips."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"local_align takes float32 or bfloat16 regions and words, got {dtype}"
+    if t > MAX_T:
+        return f"local_align takes at most {MAX_T} words per text, got {t}"
+    if d > MAX_D:
+        return f"local_align takes D up to {MAX_D}, got D = {d}"
+    if d > MAX_D_FP32 and dtype == torch.float32:
+        return f"local_align takes float32 only up to D = {MAX_D_FP32}, got D = {d}: use bfloat16"
+    return None
 
 
 def _check_kernel_inputs(regions: torch.Tensor, words: torch.Tensor) -> None:
@@ -359,19 +568,15 @@ def _check_kernel_inputs(regions: torch.Tensor, words: torch.Tensor) -> None:
         from clinvla_engine.backends import BackendUnavailable
 
         raise BackendUnavailable("local_align needs Triton: pip install 'clinvla-engine[gpu]'")
-    if regions.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"local_align takes float32 or bfloat16 regions and words, got {regions.dtype}; "
-                         "use the reference (fused=False) for other dtypes")
+    why = unsupported(words.shape[1], words.shape[2], regions.dtype)
+    if why is not None:
+        raise ValueError(f"{why} (words {tuple(words.shape)}); use the reference for this input "
+                         "(fused=False, or fused=None, which picks it)")
     if not regions.is_cuda and not _interpret():
         raise ValueError(
             f"local_align (fused=True) needs CUDA tensors, got regions on {regions.device}; move them to a GPU "
             "or use fused=False (the PyTorch reference)"
         )
-    t, d = words.shape[1], words.shape[2]
-    if t > MAX_T:
-        raise ValueError(f"local_align takes at most {MAX_T} words per text, got words {tuple(words.shape)}")
-    if d > MAX_D:
-        raise ValueError(f"local_align takes D up to {MAX_D}, got D = {d}")
 
 
 def local_align(
@@ -383,7 +588,7 @@ def local_align(
     tau2: "float | torch.Tensor" = 5.0,
     tau3: "float | torch.Tensor" = 10.0,
 ) -> torch.Tensor:
-    """S (B_img, B_txt) in the input dtype: the fused-kernel version of local_alignment_scores."""
+    """S (B_img, B_txt) in the input dtype: the fused-kernel version of local_align_ref."""
     region_mask = check_local_inputs(regions, words, word_mask, region_mask)
     _check_kernel_inputs(regions, words)
     b_img, b_txt = regions.shape[0], words.shape[0]

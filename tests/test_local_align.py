@@ -3,6 +3,9 @@
 Without a GPU the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1) at
 small shapes; with one, the `gpu` cases run the same checks at full shapes.
 """
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +13,9 @@ pytest.importorskip("triton")
 
 import clinvla_engine.kernels.local_align as la  # noqa: E402
 from clinvla_engine.kernels.local_align import local_align, local_align_ref  # noqa: E402
-from clinvla_engine.losses import local_alignment_scores  # noqa: E402
+from clinvla_engine.losses import local_alignment_scores, use_fused_local  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "data" / "gloria_local_golden.json"
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -25,7 +30,8 @@ SHAPES_CPU = [
     (1, 2, 13, 97, 16),
     (2, 1, 361, 9, 16),
     (1, 1, 392, 12, 32),
-    (1, 2, 20, 6, 768),
+    (1, 2, 20, 6, 256),  # the largest D the kernel takes in float32
+    (1, 2, 20, 6, 768),  # float32 refuses it (MAX_D_FP32), bfloat16 runs it
     (3, 2, 1, 1, 16),
 ]
 SHAPES_GPU = [  # each distinct (T, D) compiles its own kernels: few shapes, each for a reason
@@ -86,6 +92,13 @@ def assert_close_to_ref(got, ref, dtype, ref_lowp=None, what=""):
 
 def check(shape, dtype, seed, empty_rows=False):
     regions, words, wm, rm, taus = make_case(*shape, seed=seed, empty_rows=empty_rows)
+    why = la.unsupported(shape[3], shape[4], dtype)
+    if why is not None:  # the kernel must refuse, naming the fix, and the dispatcher take the reference
+        with pytest.raises(ValueError, match="use the reference for this input"):
+            run_kernel(regions, words, wm, rm, taus, torch.zeros(shape[0], shape[1], dtype=torch.float64), dtype)
+        r, w = regions.to(DEVICE, dtype), words.to(DEVICE, dtype)
+        assert not use_fused_local(r, None, w)
+        return None
     upstream = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     s_ref, g_ref = reference(regions, words, wm, rm, taus, upstream)
     s_k, g_k = run_kernel(regions, words, wm, rm, taus, upstream, dtype)
@@ -128,12 +141,25 @@ def test_every_output_element_is_written(monkeypatch):
     check((2, 3, 37, 21, 24), torch.float32, seed=11)
 
 
-def test_dispatch_and_fused_switch():
-    regions, words, wm, rm, _ = make_case(2, 2, 5, 4, 8, seed=1)
-    r, w = regions.float(), words.float()
-    expected = local_align_ref(r, w, wm, rm)
-    torch.testing.assert_close(local_alignment_scores(r, w, wm, rm), expected)  # CPU: reference
-    torch.testing.assert_close(local_alignment_scores(r, w, wm, rm, fused=True), expected, atol=1e-4, rtol=1e-5)
+def test_dispatch_and_fused_switch_against_gloria_golden_values():
+    """Both paths against GLoRIA's own numbers (tests/data/gloria_local_golden.json), not each other.
+
+    On CPU tensors the dispatcher must take the reference: float64 in, GLoRIA's S to 1e-10 out (the
+    kernel takes only float32 and bfloat16, so float64 at that precision proves which path ran).
+    fused=True runs the kernel (in the interpreter here) in float32, within the float32 bound.
+    """
+    cases = json.loads(GOLDEN.read_text())["cases"]
+    for n, case in enumerate(cases):
+        regions = torch.tensor(case["regions"], dtype=torch.float64)
+        words = torch.tensor(case["words"], dtype=torch.float64)
+        wm, rm = torch.tensor(case["word_mask"]), torch.tensor(case["region_mask"])
+        golden = torch.tensor(case["S"], dtype=torch.float64)
+        assert not use_fused_local(regions, None)
+        s_ref = local_alignment_scores(regions, words, wm, rm)
+        torch.testing.assert_close(s_ref, golden, atol=1e-10, rtol=1e-10, msg=f"golden case {n}, reference")
+        r, w = regions.float().to(DEVICE), words.float().to(DEVICE)
+        s_kernel = local_alignment_scores(r, w, wm.to(DEVICE), rm.to(DEVICE), fused=True).double().cpu()
+        assert_close_to_ref(s_kernel, golden, torch.float32, what=f"golden case {n}, kernel")
 
 
 def test_bad_input_is_named(monkeypatch):
@@ -148,6 +174,8 @@ def test_bad_input_is_named(monkeypatch):
         local_align(r, w, wm, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         local_align(r.half(), w.half(), wm)
+    with pytest.raises(ValueError, match="float32 only up to D = 256"):
+        local_align(torch.randn(2, 5, 300, device=DEVICE), torch.randn(3, 4, 300, device=DEVICE), wm)
     with pytest.raises(ValueError, match="at most 256 words"):
         local_align(r, torch.randn(3, 257, 8, device=DEVICE), torch.ones(3, 257, dtype=torch.bool, device=DEVICE))
     if not ON_GPU:

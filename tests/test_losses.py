@@ -191,3 +191,18 @@ def test_global_loss_is_symmetric_infonce():
     assert loss.item() == pytest.approx(total / 12, abs=1e-12)
     with pytest.raises(ValueError, match="both be"):
         global_alignment_loss(img, txt[:5], scale)
+
+
+def test_kernel_module_does_not_import_the_losses():
+    """Arrows point one way: clinvla_engine.losses imports kernels.local_align (the reference and the
+    input checks live there), never the reverse, so neither import can half-initialise the other."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clinvla_engine.kernels.local_align as la; "
+            "print(sorted(m for m in sys.modules if m.startswith('clinvla_engine.losses')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing the kernel module imported {out.strip()}"
+    from clinvla_engine.kernels.local_align import local_align_ref
+
+    assert local_alignment_scores_ref is local_align_ref  # one implementation, two names kept for callers
