@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .data.archive import FORMATS
+
 # kept in step with clinvla_engine.data.dataset.DEFAULT_MAX_BAD_FRACTION (a test checks); not imported,
 # so that `clinvla --help` does not import torch
 DEFAULT_MAX_BAD_FRACTION = 0.01
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be empty or a previous synthetic archive)")
     p.add_argument("--studies", type=int, default=1000, help="number of studies (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same archive")
-    p.add_argument("--format", default="mimic", choices=["mimic", "dicom", "chexpert", "rsna"],
+    p.add_argument("--format", default="mimic", choices=list(FORMATS),
                    help="on-disk layout (default mimic: MIMIC-CXR-JPG with report files)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--lateral-fraction", type=float, default=0.85, help="fraction of studies with a lateral view")

@@ -112,9 +112,13 @@ class StudyDataset(Dataset):
         self.epoch = 0
         self._cache: dict[tuple[int, int], np.ndarray] | None = None
         if loader is None:
-            from .io import load_image
+            from .io import ImageDecodeError, load_image
 
-            loader = load_image
+            # load_image raises ImageDecodeError for every problem of one file; anything else it
+            # raises (pydicom missing, say) is the environment's fault and must stop the run
+            loader, self._bad_errors = load_image, (ImageDecodeError,)
+        else:  # a caller's decoder: the exceptions decoders commonly raise for a bad file
+            self._bad_errors = _bad_image_errors()
         self._load = loader
 
     def __len__(self) -> int:
@@ -133,8 +137,9 @@ class StudyDataset(Dataset):
             return resize_center_crop(to_unit_float(self._load(path)), self.size)
         try:
             image = resize_center_crop(to_unit_float(self._load(path)), self.size)
-        except _bad_image_errors() as exc:
-            raise BadImage(path, f"{type(exc).__name__}: {exc}") from None
+        except self._bad_errors as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            raise BadImage(path, reason) from None
         if not torch.isfinite(image).all():  # a decoder that "succeeds" with NaN pixels
             raise BadImage(path, "the decoded image has NaN or infinite pixels")
         return image

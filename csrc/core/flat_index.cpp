@@ -247,7 +247,7 @@ void FlatIndex::search(int64_t nq, const void* queries, DType query_dtype, int64
   const Impl& m = *impl_;
   std::shared_lock<std::shared_mutex> lock(m.mu);
   if (nq < 0) fail(ErrorCode::Invalid, "search: the number of queries must be >= 0, got ", nq);
-  if (k < 0) fail(ErrorCode::Invalid, "search: k must be >= 0, got ", k);
+  if (k < 0 || k > kMaxK) fail(ErrorCode::Invalid, "search: k must be between 0 and ", kMaxK, ", got ", k);
   if (!detail::valid_dtype(int32_t(query_dtype)))
     fail(ErrorCode::Invalid, "search: queries must be float32, float16 or bfloat16, got dtype code ", int32_t(query_dtype));
   if (nq == 0) return;

@@ -211,11 +211,17 @@ void FlatIndex::save(const std::string& path) const {
   put32(header + 56, crc);
   put32(header + 60, crc32c_update(0, header, 60));
 
-  const std::string tmp = path + ".tmp";
+  // A unique temporary name (mkstemp), so that two writers of one path never share a file: each
+  // writes a whole file and the last rename wins.
+  std::vector<char> tmp_name(path.begin(), path.end());
+  const char suffix[] = ".tmp-XXXXXX";
+  tmp_name.insert(tmp_name.end(), suffix, suffix + sizeof(suffix));  // with the terminating NUL
   Fd f;
-  f.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  f.fd = ::mkstemp(tmp_name.data());
+  const std::string tmp(tmp_name.data());
   if (f.fd < 0) fail(ErrorCode::IO, "cannot create index file '", tmp, "': ", errno_text());
   try {
+    if (::fchmod(f.fd, 0644) != 0) fail(ErrorCode::IO, "cannot set the mode of '", tmp, "': ", errno_text());
     write_all(f.fd, header, kHeaderBytes, tmp);
     write_all(f.fd, m.vec_ptr, size_t(vec_bytes), tmp);
     write_all(f.fd, zeros, size_t(pad), tmp);

@@ -376,6 +376,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_devices"] = clinvla::CudaFlatIndex::device_count();
     d["openmp"] = clinvla::openmp_enabled();
     d["simd"] = clinvla::cpu_isa();
+    d["max_k"] = clinvla::FlatIndex::kMaxK;
     d["max_k_cuda"] = clinvla::CudaFlatIndex::kMaxK;
     return d;
   });

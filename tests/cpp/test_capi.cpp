@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <atomic>
 #include <cstring>
+#include <thread>
 #include <fstream>
 #include <limits>
 #include <numeric>
@@ -183,6 +185,28 @@ void test_c_api(const std::string& dir) {
     CHECK(std::strstr(clinvla_last_error(), "checksum") != nullptr, "message: %s", clinvla_last_error());
   }
   CHECK(clinvla_index_load((dir + "/missing.clvx").c_str(), 1, &loaded) == CLINVLA_ERR_IO, "missing file is an IO error");
+
+  // k is bounded before anything is allocated (the caller's buffers are never touched).
+  CHECK(clinvla_index_search(index, 1, db.data(), CLINVLA_FLOAT32, int64_t(1) << 30, nullptr, scores, ids) ==
+            CLINVLA_ERR_INVALID, "a k of 2^30 refused");
+  CHECK(std::strstr(clinvla_last_error(), "65536") != nullptr, "message: %s", clinvla_last_error());
+
+  // Concurrent saves to one path: each writer uses its own temporary name, so every save succeeds
+  // and the file is always whole (a shared fixed temporary name made renames fail or mix files).
+  {
+    std::atomic<int> failures{0};
+    std::vector<std::thread> writers;
+    for (int w = 0; w < 4; ++w)
+      writers.emplace_back([&] {
+        for (int i = 0; i < 25; ++i)
+          if (clinvla_index_save(index, path.c_str()) != CLINVLA_OK) ++failures;
+      });
+    for (auto& t : writers) t.join();
+    CHECK(failures.load() == 0, "%d of 100 concurrent saves failed", failures.load());
+    CHECK(clinvla_index_load(path.c_str(), 1, &loaded) == CLINVLA_OK, "%s", clinvla_last_error());
+    CHECK(clinvla_index_size(loaded) == clinvla_index_size(index), "whole file after concurrent saves");
+    clinvla_index_free(loaded);
+  }
 
   // CUDA entry points: unsupported or no device here, never a crash.
   clinvla_cuda_index* cuda = nullptr;

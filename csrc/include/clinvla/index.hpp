@@ -69,6 +69,10 @@ bool openmp_enabled();
 
 class FlatIndex {
  public:
+  // The largest k a search accepts: a bound checked before any allocation, so a k of 10^9 from a
+  // caller is a clear error instead of an out-of-memory kill (the Python Index uses the same value).
+  static constexpr int64_t kMaxK = 65536;
+
   FlatIndex(int64_t dim, DType dtype);
   ~FlatIndex();
   FlatIndex(FlatIndex&&) noexcept;
