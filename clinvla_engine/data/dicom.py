@@ -27,12 +27,10 @@ from .io import (
 )
 from .study import DatasetError, Study
 
-IMAGE_MODALITIES = frozenset({"CR", "DX"})
-FRONTAL_RANK = {"PA": 0, "AP": 1}  # PA preferred over AP
-LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL"})
-# ViewCodeSequence meanings, compared without case, spaces or hyphens.
-_CODE_FRONTAL = {"posteroanterior": "PA", "anteroposterior": "AP"}
-_CODE_LATERAL = {"lateral": "LATERAL", "leftlateral": "LL", "rightlateral": "RL"}
+from .views import classify as _classify, pick_views, rules as _view_rules
+
+# The view rules live once, in data/view_rules.json (shared with the pipeline and the C++ PACS side).
+IMAGE_MODALITIES = _view_rules().modalities
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 # Text SR classes whose content is the report; other SRs (e.g. radiation dose) are not reports.
@@ -75,24 +73,13 @@ def _text(ds: Any, keyword: str) -> str:
 
 
 def view_of(ds: Any) -> tuple[str, str | None]:
-    """("frontal" | "lateral" | "other", view name) from ViewPosition, else ViewCodeSequence."""
-    position = _text(ds, "ViewPosition").upper()
-    if position:
-        if position in FRONTAL_RANK:
-            return "frontal", position
-        if position in LATERAL_VIEWS:
-            return "lateral", position
-        return "other", position
-    codes = ds.get("ViewCodeSequence")
-    if codes:
-        meaning = _text(codes[0], "CodeMeaning")
-        key = meaning.lower().replace("-", "").replace(" ", "")
-        if key in _CODE_FRONTAL:
-            return "frontal", _CODE_FRONTAL[key]
-        if key in _CODE_LATERAL:
-            return "lateral", _CODE_LATERAL[key]
-        return "other", meaning or None
-    return "other", None
+    """("frontal" | "lateral" | "other", label) by the shared view rules (data/views.py):
+    ViewPosition, else ViewCodeSequence, else PatientOrientation. "other" keeps the raw
+    ViewPosition (or None) for the problem message."""
+    decision = _classify(ds)
+    if decision.view is None:
+        return "other", _text(ds, "ViewPosition").upper() or None
+    return decision.view, decision.label
 
 
 def _text_value(item: Any, source: str, notes: list[str]) -> str:
@@ -149,12 +136,11 @@ def report_from_sr(ds: Any, source: str | Path = "SR", notes: list[str] | None =
 
 
 class _StudyFiles:
-    __slots__ = ("subject", "frontals", "laterals", "views", "reports")
+    __slots__ = ("subject", "images", "views", "reports")
 
     def __init__(self) -> None:
         self.subject: str | None = None
-        self.frontals: list[tuple[int, int, Path, str]] = []  # (rank, order, path, view)
-        self.laterals: list[tuple[int, Path, str]] = []  # (order, path, view)
+        self.images: list[dict] = []  # pick_views candidates: view, view_label, rows, columns, ...
         self.views: list[str] = []
         self.reports: list[tuple[str, int, Path, str]] = []  # (date+time, order, path, text)
 
@@ -245,10 +231,10 @@ def load_dicom_tree(
         entry.subject = entry.subject or (_text(ds, "PatientID") or None)
         kind, view = view_of(ds)
         entry.views.append(view or "?")
-        if kind == "frontal":
-            entry.frontals.append((FRONTAL_RANK[view], order, path, view))
-        elif kind == "lateral":
-            entry.laterals.append((order, path, view))
+        if kind in ("frontal", "lateral"):
+            entry.images.append({"view": kind, "view_label": view, "rows": ds.get("Rows"),
+                                 "columns": ds.get("Columns"), "instance_number": ds.get("InstanceNumber"),
+                                 "path": path.relative_to(root).as_posix(), "file": path})
     if seen_files == 0:
         raise DatasetError(f"{root}: no DICOM files in this tree (.dcm, or files with 'DICM' at byte 128)")
     for what, count in sorted(skipped.items()):
@@ -261,14 +247,14 @@ def load_dicom_tree(
 
     studies: list[Study] = []
     for uid, entry in by_uid.items():
-        if not entry.frontals:
+        frontal_row, lateral_row = pick_views(entry.images)
+        if frontal_row is None:
             what = f"views {'/'.join(entry.views)}" if entry.views else "a report only"
             problems.append(f"study {uid}: no frontal (PA/AP) image ({what}); skipped")
             continue
-        _, _, frontal, frontal_view = min(entry.frontals)
-        lateral = lateral_view = None
-        if entry.laterals:
-            _, lateral, lateral_view = min(entry.laterals)
+        frontal, frontal_view = frontal_row["file"], frontal_row["view_label"]
+        lateral = lateral_row["file"] if lateral_row else None
+        lateral_view = lateral_row["view_label"] if lateral_row else None
         report = report_file = None
         if entry.reports:
             # the latest report (ContentDate + ContentTime), the first file found on a tie
