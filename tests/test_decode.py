@@ -366,3 +366,13 @@ def test_decode_speed_per_codec(tmp_path):
     assert decode_dicom(tmp_path / f"speed_{J2K_LOSSLESS}.dcm", target_size=224).shape == (256, 256)
     lines.append(f"JPEG 2000 Lossless reduced to 256 (target 224): {(time.perf_counter() - start) * 1e3:.1f} ms")
     print("\n" + "\n".join(lines))
+
+
+def test_deflated_file_smaller_than_its_pixel_data_decodes(tmp_path):
+    # a smooth 16-bit image deflates far below its raw size: the on-disk size check must not call
+    # the file truncated (it did, for every compressible deflated image)
+    y, x = np.mgrid[0:128, 0:128]
+    arr = ((x + y) * 100).astype(np.uint16)
+    path = write(make_dataset(arr, 16), tmp_path / "deflated.dcm", DEFLATED)
+    assert path.stat().st_size < arr.nbytes // 2
+    np.testing.assert_array_equal(decode_dicom(path), unit_of(arr, 16))

@@ -159,7 +159,13 @@ def _check_header(ds: Any, path: Path, file_size: int | None) -> tuple[int, int,
     declared = getattr(element, "length", None)
     expected = rows * columns * (bits // 8)
     if declared is not None and declared != _UNDEFINED_LENGTH:
-        if file_size is not None and declared > file_size:
+        # a deflated data set is smaller on disk than the pixel data it holds; its inflated size is
+        # bounded below by Rows x Columns x BitsAllocated against the header's claim instead
+        deflated = bool(getattr(syntax, "is_deflated", False))
+        if deflated and declared > 2 * expected + 64:
+            raise ImageDecodeError(path, f"pixel data claims {declared:,} bytes, far more than Rows x Columns x "
+                                         f"BitsAllocated ({rows} x {columns} x {bits}) needs ({expected:,})")
+        if file_size is not None and declared > file_size and not deflated:
             raise ImageDecodeError(path, f"pixel data claims {declared:,} bytes but the file has {file_size:,}; "
                                          "the file is truncated")
         if not syntax.is_encapsulated and declared < expected:
