@@ -30,6 +30,7 @@ QUICK_ARGS = {
     "local_align": ("benchmarks.bench_local_align", ["--quick"]),
     "topk": ("benchmarks.bench_topk", ["--quick"]),
     "engine": ("benchmarks.bench_engine", ["--preset", "tiny", "--batches", "1", "--repeat", "3"]),
+    "archive": ("benchmarks.bench_archive", ["--quick", "--part", "pipeline", "--repeat", "2"]),
 }
 
 

@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     from .export.commands import add_engine_commands
+    from .pipeline.cli import add_embed_parser
 
     add_engine_commands(sub)
+    add_embed_parser(sub)
     return ap
 
 

@@ -350,6 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], action="append",
                     help="compile only this dtype (repeatable; default both)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
+    ap.add_argument("--out", help="also write compile_check.json and compile_check.md to this folder "
+                                  "(tools/gpu_suite.sh uses it)")
     ap.add_argument("--notes", nargs="?", const=str(NOTES),
                     help=f"write the table into this Markdown file's section for this Triton version "
                          f"(default {NOTES.relative_to(ROOT)})")
@@ -409,15 +411,35 @@ def main(argv=None) -> int:
               f"{cuda_note}. Result: **{'PASS' if not failed else f'FAIL ({len(failed)} kernels)'}**.")
     table = markdown(rows, header)
     print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, torch=torch.__version__,
-                                                   limits=H200, spill_budget=args.spill_budget, rows=rows),
-                                              indent=1))
+    report = json.dumps(dict(triton=triton.__version__, torch=torch.__version__, limits=H200,
+                             spill_budget=args.spill_budget, rows=rows), indent=1)
+    targets = [(Path(args.json), report)] if args.json else []
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        targets += [(Path(args.out) / "compile_check.json", report), (Path(args.out) / "compile_check.md", table)]
+    for path, text in targets:
+        _write_atomic(path, text)
     if args.notes:
         write_notes(Path(args.notes), table, f"triton-{triton.__version__}{'-small' if args.small else ''}")
     for r in failed:
         print(f"FAIL {r['kernel']} {r['direction']} {r['shape']} {r['dtype']}: {r['why']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A unique temporary name beside `path`, renamed into place: never a half-written report."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

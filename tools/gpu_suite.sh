@@ -158,10 +158,6 @@ fi
 BG_PID=""
 if [ -f tools/gpu_compile_check.py ]; then
   CC_ARGS=(--out "$OUT")
-  if ! grep -q -- '"--out"' tools/gpu_compile_check.py; then  # an older check: only --json FILE
-    echo "NOTE: tools/gpu_compile_check.py has no --out DIR: its rows go to $OUT/compile_check.json (--json)"
-    CC_ARGS=(--json "$OUT/compile_check.json")
-  fi
   echo "=== [compile_check] started in the background; its log: $OUT/compile_check.log"
   ( step compile_check 240 "$PY" tools/gpu_compile_check.py "${CC_ARGS[@]}" > /dev/null 2>&1 ) &
   BG_PID=$!

@@ -19,6 +19,7 @@ _LAZY = {
     "MANIFEST_SCHEMA": "scan",
     "load_salt": "phi",
     "hash_identifier": "phi",
+    "embed_archive": "embed",
 }
 
 
