@@ -134,6 +134,9 @@ class TrainConfig:
     num_workers: int = 2
     augment: bool = True  # small affine + brightness/contrast on images, sentence shuffling
     log_every: int = 10
+    # studies whose images cannot be decoded are skipped and logged; above this share of the
+    # training split the run stops (--max-bad-fraction overrides it)
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -190,6 +193,8 @@ class ClinVLAConfig:
             raise ConfigError(f"{where}: loss.mim_weight > 0 needs decoder.enabled = true")
         if self.train.locked_text_steps < 0:
             raise ConfigError(f"{where}: train.locked_text_steps must be >= 0, got {self.train.locked_text_steps}")
+        if not 0.0 <= self.train.max_bad_fraction <= 1.0:
+            raise ConfigError(f"{where}: train.max_bad_fraction must be between 0 and 1, got {self.train.max_bad_fraction}")
         if self.train.amp not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"{where}: train.amp must be auto, bf16, fp16 or fp32, got {self.train.amp!r}")
         if self.text.model == "random" and not self.text.bert:

@@ -66,3 +66,8 @@ def test_the_cli_default_bad_fraction_is_the_library_default():
     from clinvla_engine.data.dataset import DEFAULT_MAX_BAD_FRACTION
 
     assert cli.DEFAULT_MAX_BAD_FRACTION == DEFAULT_MAX_BAD_FRACTION
+    from clinvla_engine.config import ConfigError, TrainConfig, load_config
+
+    assert TrainConfig().max_bad_fraction == DEFAULT_MAX_BAD_FRACTION
+    with pytest.raises(ConfigError, match="max_bad_fraction must be between 0 and 1"):
+        load_config({"preset": "tiny", "train": {"max_bad_fraction": 1.5}})

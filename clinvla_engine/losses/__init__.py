@@ -24,7 +24,10 @@ def global_alignment_loss(
         raise ValueError(
             f"image_emb and text_emb must both be (B, E), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
-    logits = logit_scale * image_emb @ text_emb.t()
+    # float32 logits even under bf16 autocast: at a logit scale near 100, bf16 rounds the logits in
+    # steps of about 0.5, which blunts the contrast between near-duplicates (B x B, so it costs nothing)
+    with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        logits = logit_scale * (image_emb.float() @ text_emb.float().t())
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist_utils
 from ..backends import resolve_device
 from ..config import ClinVLAConfig, load_config
-from ..data.dataset import DEFAULT_MAX_BAD_FRACTION, BadStudyLog, Collate, StudyDataset, check_max_bad_fraction
+from ..data.dataset import BadStudyLog, Collate, StudyDataset, check_max_bad_fraction
 from ..data.study import DatasetError, Study
 from ..losses.objective import training_losses
 from ..model import ClinVLA, create_model, load_checkpoint
@@ -96,9 +96,7 @@ class Trainer:
             cfg.train.epochs = epochs
         check_settings(cfg.train)
         if max_bad_fraction is None:
-            # train.max_bad_fraction once the config has that field (see the note in the report of
-            # issue 10); until then the library default
-            max_bad_fraction = getattr(cfg.train, "max_bad_fraction", DEFAULT_MAX_BAD_FRACTION)
+            max_bad_fraction = cfg.train.max_bad_fraction
         self.max_bad_fraction = check_max_bad_fraction(max_bad_fraction)
         self.cfg, self.tc = cfg, cfg.train
         self._out = Path(out_dir)
