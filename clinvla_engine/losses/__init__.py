@@ -27,7 +27,8 @@ def global_alignment_loss(
     # float32 logits even under bf16 autocast: at a logit scale near 100, bf16 rounds the logits in
     # steps of about 0.5, which blunts the contrast between near-duplicates (B x B, so it costs nothing)
     with torch.autocast(device_type=image_emb.device.type, enabled=False):
-        logits = logit_scale * (image_emb.float() @ text_emb.float().t())
+        dtype = torch.promote_types(image_emb.dtype, torch.float32)  # float64 stays float64
+        logits = logit_scale * (image_emb.to(dtype) @ text_emb.to(dtype).t())
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
