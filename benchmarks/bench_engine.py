@@ -2,8 +2,13 @@
 
 Per case (graph x batch), in one run, on the same preprocessed inputs:
 * ``pytorch eager fp32`` (the baseline), ``pytorch eager fp16`` (GPU), ``torch.compile``;
-* one row per engine backend that builds here (``aoti``, ``onnxruntime``, ``compile``,
-  ``tensorrt``), each built by clinvla-build-engine from the same random-weight checkpoint.
+* one row per engine backend that builds here (``aoti``, ``onnxruntime``, ``openvino``,
+  ``compile``, ``tensorrt``), each built by clinvla-build-engine from the same random-weight
+  checkpoint (one ONNX export shared by the ONNX-based builds). OpenVINO gets a row per precision
+  of ``--openvino-precisions`` (default fp32, bf16, int8; bf16 only where the CPU has it, the
+  others say why not), whatever ``--precision`` the other engines use.
+The run prints (and the JSON records) the CPU, its instruction sets and OpenVINO's view of it:
+bf16 and int8 speed depend on AVX-512 bf16 / VNNI / AMX.
 Rows report the median with p20/p80 (harness), p99 (in ``achieved``), and studies/s or texts/s.
 Batch 1 is the latency case; the largest batch the throughput case.
 
@@ -24,7 +29,7 @@ not depend on the weight values.
 
     python -m benchmarks.bench_engine [--out DIR] [--preset small|base] [--backends aoti,onnxruntime]
                                       [--batches 1,8] [--precision fp32] [--repeat N] [--budget-s S]
-                                      [--keep DIR [--build-only]]
+                                      [--keep DIR [--build-only]] [--openvino-precisions fp32,bf16,int8]
 """
 from __future__ import annotations
 
@@ -184,7 +189,9 @@ def run() -> None:
     ap.add_argument("--keep", help="keep the checkpoint and built engines in this folder, and reuse matching ones")
     ap.add_argument("--build-only", action="store_true", help="build the engines into --keep and stop")
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for PyTorch and ONNX Runtime alike (default: torch's default)")
+                    help="CPU threads for PyTorch, ONNX Runtime and OpenVINO alike (default: torch's default)")
+    ap.add_argument("--openvino-precisions", default="fp32,bf16,int8",
+                    help="the openvino engines to build and measure (default %(default)s)")
     args = ap.parse_args()
     if args.build_only and not args.keep:
         ap.error("--build-only builds into the --keep folder: give --keep DIR")
@@ -192,12 +199,26 @@ def run() -> None:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     device = torch.device("cuda" if gpu else "cpu")
-    from clinvla_engine.export.build import AUTO_ORDER, BACKENDS, build_engine
+    from clinvla_engine.export.build import AUTO_ORDER, build_engine, unsupported
     from clinvla_engine.runtime import Engine
 
     batches = sorted({int(b) for b in args.batches.split(",")})
-    names = args.backends.split(",") if args.backends else [n for n in AUTO_ORDER[device.type]] + \
+    backend_names = args.backends.split(",") if args.backends else [n for n in AUTO_ORDER[device.type]] + \
         (["compile"] if device.type == "cpu" else [])
+    # (bundle folder name, backend, precision): one per engine; OpenVINO once per precision asked
+    targets = []
+    for name in backend_names:
+        if name == "openvino":
+            targets += [(f"openvino-{p}", "openvino", p) for p in args.openvino_precisions.split(",") if p]
+        else:
+            targets.append((name, name, args.precision))
+    onnx_cache: dict = {}  # one ONNX export of the checkpoint for onnxruntime and every openvino build
+
+    def build(folder, backend, precision):
+        # int8's P@10 gate needs 10 studies with reports; the others keep the quick 8
+        build_engine(ck, work / folder, backend=backend, device=device.type, precision=precision,
+                     batch_sizes=tuple(batches), max_text_len=tokens, parity_studies=12 if precision == "int8" else 8,
+                     parity_random=4, progress=True, force=True, strict=False, onnx_cache=onnx_cache)
     pretrained, weights_label = text_weights(args.preset)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_engine_"))
     label_file = work / "ckpt" / "weights-label.txt"
@@ -215,13 +236,17 @@ def run() -> None:
         ck = save_checkpoint(model, work / "ckpt")
         label_file.write_text(weights_label + "\n")  # written last: its presence marks a complete checkpoint
     print(f"{args.preset}: {weights_label}, random image weights")
+    cpu = cpu_description()
+    print(f"CPU: {cpu['cpu']}; ISA: {', '.join(cpu['isa']) or 'unknown'}"
+          + (f"; OpenVINO capabilities: {', '.join(cpu['openvino_capabilities'])}" if "openvino_capabilities" in cpu
+             else ""))
     tokens = min(128, model.tokenizer.max_length)
     bench = None
     if not args.build_only:
         bench = Bench("engine", args.out, repeat=args.repeat,
                       params={"preset": args.preset, "precision": args.precision, "batches": batches, "tokens": tokens,
                               "device": str(device), "torch_threads": torch.get_num_threads(),
-                              "weights": f"{weights_label}, random image weights"})
+                              "weights": f"{weights_label}, random image weights", **cpu})
     _BENCH = bench
 
     def over_budget() -> bool:
@@ -229,9 +254,9 @@ def run() -> None:
 
     if args.build_only:
         failed = []
-        for name in names:
-            why = BACKENDS[name].unsupported(device.type, args.precision)
-            stale = kept_bundle_matches(work / name, device.type, args.precision, batches, tokens)
+        for name, backend, precision in targets:
+            why = unsupported(backend, device.type, precision)
+            stale = kept_bundle_matches(work / name, device.type, precision, batches, tokens)
             if why or stale is None:
                 print(f"{name}: {why or 'kept bundle matches, nothing to build'}")
                 continue
@@ -240,9 +265,7 @@ def run() -> None:
                 continue
             t0 = time.perf_counter()
             try:
-                build_engine(ck, work / name, backend=name, device=device.type, precision=args.precision,
-                             batch_sizes=tuple(batches), max_text_len=tokens, parity_studies=8, parity_random=4,
-                             progress=True, force=True, strict=False)
+                build(name, backend, precision)
                 print(f"built {name} in {time.perf_counter() - t0:.0f} s")
             except Exception as exc:  # go on with the other backends; the exit status reports it
                 failed.append(name)
@@ -263,7 +286,8 @@ def run() -> None:
                      else f"{args.preset} text encoder ({weights_label}), {tokens} tokens, batch {batch}")
             flops = image_flops(model, batch) if graph == "image" else text_flops(model, batch, tokens)
             case = Case(label, str(device), flops / peak * 1e3,
-                        f"FLOPs / measured {'fp16' if gpu else 'fp32'} matmul peak {peak / 1e12:.2f} TFLOP/s",
+                        f"FLOPs / measured {'fp16' if gpu else 'fp32'} matmul peak {peak / 1e12:.2f} TFLOP/s; "
+                        f"CPU {cpu['cpu']} ({', '.join(cpu['isa']) or 'ISA unknown'})",
                         flops, _bench=bench)
             cases.append((case, batch, graph, feeds))
             bench.cases.append(case)
@@ -292,10 +316,10 @@ def run() -> None:
     if gpu:
         measure("pytorch eager fp16", torch_variant(torch.float16, False))
     engines = {}
-    for name in names:
-        why = BACKENDS[name].unsupported(device.type, args.precision)
+    for name, backend, precision in targets:
+        why = unsupported(backend, device.type, precision)
         # None: a kept bundle of these settings exists and is loaded; a reason: it is built here
-        stale = (kept_bundle_matches(work / name, device.type, args.precision, batches, tokens) if args.keep
+        stale = (kept_bundle_matches(work / name, device.type, precision, batches, tokens) if args.keep
                  else "not keeping engines")
         if not why and stale is not None and over_budget():  # a kept engine is measured whatever the budget
             why = f"not built: the {args.budget_s:.0f} s budget was spent" + (f" ({stale})" if args.keep else "")
@@ -305,9 +329,7 @@ def run() -> None:
                 if stale is not None:  # else reuse the kept build
                     if args.keep:
                         print(f"building {name}: {stale}")
-                    build_engine(ck, work / name, backend=name, device=device.type, precision=args.precision,
-                                 batch_sizes=tuple(batches), max_text_len=tokens, parity_studies=8, parity_random=4,
-                                 progress=True, force=True, strict=False)
+                    build(name, backend, precision)
                     print(f"built {name} in {time.perf_counter() - t0:.0f} s")
                 engines[name] = Engine.load(work / name, threads=torch.get_num_threads())
             except Exception as exc:  # a backend that cannot build here is a row with its reason
@@ -315,9 +337,9 @@ def run() -> None:
                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         if why:
             for case, *_ in cases:
-                case.rows.append(_skipped_row(f"engine {name}", why))
+                case.rows.append(_skipped_row(f"engine {backend} {precision}", why))
             continue
-        measure(f"engine {name} {args.precision}", engines[name], warmup=3)
+        measure(f"engine {backend} {precision}", engines[name], warmup=3)
     label = f"torch.compile {'fp16' if gpu else 'fp32'}"
     if over_budget():
         for case, *_ in cases:
@@ -327,6 +349,17 @@ def run() -> None:
     bench.finish()
     for e in engines.values():
         e.close()
+
+
+def cpu_description() -> dict:
+    """The CPU's name, the instruction sets that decide engine speed, and OpenVINO's capabilities."""
+    from benchmarks.harness import machine
+    from clinvla_engine.runtime.runners import cpu_isa, openvino_cpu_info
+
+    out = {"cpu": machine()["cpu"], "isa": cpu_isa()}
+    if backends.openvino():
+        out["openvino_capabilities"] = openvino_cpu_info()["capabilities"]
+    return out
 
 
 def _finish(row, rec: Recorder, batch: int, unit: str, skip: int) -> None:

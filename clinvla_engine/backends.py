@@ -143,6 +143,12 @@ def tensorrt() -> Availability:
     return trt
 
 
+def openvino() -> Availability:
+    """OpenVINO for building and running CPU engines (``--backend openvino``); int8 builds also
+    need NNCF, which ``module("nncf", "openvino")`` reports."""
+    return module("openvino", "openvino")
+
+
 # ---- devices --------------------------------------------------------------------------------
 def resolve_device(name: "str | None" = None, flag: str = "--device"):
     """The torch.device for a user's `name` (cpu, cuda, cuda:N; None = cuda when available, else

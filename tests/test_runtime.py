@@ -1,8 +1,8 @@
 """clinvla_engine.runtime.Engine: loading and verification, inputs, buckets, threads, refusals.
 
 Uses the tiny CPU bundles that clinvla_engine.export.testing builds once per test session
-(ONNX Runtime and AOTInductor). GPU paths (pinned memory, CUDA graphs, the compile and TensorRT
-backends) are the `gpu` / `trt` tests at the end, run by tools/gpu_suite.sh.
+(ONNX Runtime and AOTInductor, and OpenVINO where it is installed). GPU paths (pinned memory, CUDA
+graphs, the compile and TensorRT backends) are the `gpu` / `trt` tests at the end, run by tools/gpu_suite.sh.
 """
 import json
 import shutil
@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from clinvla_engine import backends  # noqa: E402
 from clinvla_engine.data.transforms import preprocess  # noqa: E402
 from clinvla_engine.export.testing import TEST_BATCH_SIZES, cpu_bundles, tiny_model  # noqa: E402
 from clinvla_engine.runtime import BundleError, Engine  # noqa: E402
 
-BACKENDS = ["onnxruntime", "aoti"]
+# OpenVINO joins where the [openvino] extra is installed: the shared auto build keeps its candidate.
+BACKENDS = ["onnxruntime", "aoti"] + (["openvino"] if backends.openvino() else [])
+GRAPH_FILE = {"onnxruntime": "image.onnx", "aoti": "image.pt2", "openvino": "image.xml"}
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +27,10 @@ def bundles(tmp_path_factory):
     # the CPU bundles need the export extra (ONNX Runtime is one of the two CPU backends)
     for name in ("onnx", "onnxscript", "onnxruntime", "onnx_graphsurgeon"):
         pytest.importorskip(name, reason=f"{name} is not installed: pip install 'clinvla-engine[export]'")
-    return cpu_bundles(str(tmp_path_factory.getbasetemp() / "engines"))
+    built = dict(cpu_bundles(str(tmp_path_factory.getbasetemp() / "engines")))
+    if "openvino" in BACKENDS:
+        built["openvino"] = built["aoti"].parent / "openvino"  # kept beside the other candidates
+    return built
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +197,7 @@ def _copy(bundles, backend, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_refuses_a_bundle_with_one_byte_changed(bundles, tmp_path, backend):
     d = _copy(bundles, backend, tmp_path)
-    target = d / ("image.onnx" if backend == "onnxruntime" else "image.pt2")
+    target = d / GRAPH_FILE[backend]
     original = target.read_bytes()
     raw = bytearray(original)
     raw[len(raw) // 3] ^= 0x20

@@ -6,12 +6,13 @@
 
 Modules: ``graphs`` (the image and text graphs and their I/O specs), ``onnx_export`` and
 ``surgery`` (ONNX export, GraphSurgeon passes, mixed precision), ``quantize`` (FP8 Q/DQ),
-``aoti_backend`` / ``ort_backend`` / ``trt_backend`` / ``compile_backend`` (one builder each),
-``parity`` (engine vs PyTorch), ``studies`` (the user's studies for parity and FP8 calibration),
+``aoti_backend`` / ``ort_backend`` / ``trt_backend`` / ``compile_backend`` / ``openvino_backend``
+(one builder each),
+``parity`` (engine vs PyTorch), ``studies`` (the user's studies for parity and FP8 / int8 calibration),
 ``build`` (orchestration), ``inspection`` (inspect / compare), ``commands`` (the CLI). The graph
 wrappers, dtype maps and file helpers it shares with the runtime live in clinvla_engine.runtime
 (the arrow points down: the runtime never imports this package). Importing this package imports
-neither onnx nor TensorRT.
+neither onnx nor TensorRT nor OpenVINO.
 """
 from .context import BuildError
 

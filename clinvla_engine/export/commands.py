@@ -17,9 +17,11 @@ EPILOG = """examples:
   clinvla-build-engine runs/small -o engines/small                   # fastest backend here, fp32
   clinvla-build-engine runs/base/model.safetensors -o engines/base --device cuda --precision fp16
   clinvla-build-engine model.pt -o engines/ort --backend onnxruntime --batch-sizes 1,8,32
+  clinvla-build-engine runs/small -o engines/ov-int8 --backend openvino --precision int8 --calibration my_studies/
 
 backends: tensorrt (GPU; needs TensorRT 10/11), aoti (AOTInductor .pt2, CPU or GPU), onnxruntime
-(CPU; GPU with onnxruntime-gpu), compile (torch.compile + CUDA graphs per bucket), auto (builds
+(CPU; GPU with onnxruntime-gpu), compile (torch.compile + CUDA graphs per bucket), openvino (CPU;
+fp32, bf16 where the CPU has it, int8 by NNCF; pip install 'clinvla-engine[openvino]'), auto (builds
 each that can build here, measures them, keeps the fastest that passes parity)."""
 
 
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="clinvla-build-engine",
         description="Compile a ClinVLA checkpoint's image and text encoders into a verified engine bundle "
-                    "(ONNX + GraphSurgeon -> TensorRT | AOTInductor | ONNX Runtime), check it against PyTorch, "
+                    "(ONNX + GraphSurgeon -> TensorRT | AOTInductor | ONNX Runtime | OpenVINO), check it against PyTorch, "
                     "and write a manifest with a SHA-256 for every file.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="what `clinvla train` writes (its folder or model.safetensors), or a .pt "
@@ -47,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR", help="folder to write the bundle to")
     ap.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="default auto")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"],
-                    help="compute precision (norms and softmax stay float32); default fp32")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "fp8", "int8"],
+                    help="compute precision (norms and softmax stay float32); int8: openvino only (NNCF); "
+                         "default fp32")
     ap.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                     help="batch buckets, comma-separated (default %(default)s)")
     ap.add_argument("--max-text-len", type=int, default=128, help="longest token sequence (default 128; capped "
@@ -61,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a folder of your own studies (MIMIC-CXR-JPG, CheXpert, RSNA, DICOM tree) to check parity "
                          "on; default: a synthetic archive. The manifest records which")
     ap.add_argument("--calibration", metavar="DIR",
-                    help="--precision fp8: a folder of your own studies to calibrate the FP8 scales on; default: "
-                         "random inputs. The manifest records which")
+                    help="--precision fp8 or int8: a folder of your own studies (with reports) to calibrate on; "
+                         "default: random inputs (fp8) or a synthetic archive (int8). The manifest records which")
+    ap.add_argument("--max-p10-change", type=float, default=0.01,
+                    help="int8: refuse the engine when its image->text P@10 on the parity studies drops by more "
+                         "than this against fp32 (default %(default)s)")
     ap.add_argument("--calibration-studies", type=int, default=64,
                     help="how many of the --calibration folder's studies to use (default 64; 0 = all)")
     ap.add_argument("--no-strict", action="store_true", help="keep an engine that fails the parity check")
@@ -92,6 +98,7 @@ def build_engine_main(argv: list[str] | None = None) -> int:
                             batch_sizes=parse_batch_sizes(args.batch_sizes), max_text_len=args.max_text_len,
                             opset=args.opset, parity_studies=args.parity_studies, parity_data=args.parity_data,
                             calibration=args.calibration, calibration_studies=args.calibration_studies,
+                            max_p10_change=args.max_p10_change,
                             strict=not args.no_strict,
                             force=args.force, keep_candidates=args.keep_candidates, progress=not args.quiet,
                             extra=extra)

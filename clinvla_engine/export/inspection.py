@@ -70,7 +70,7 @@ def format_inspection(info: dict) -> str:
         lines.append(f"    {g} ({spec['file']}): {ins} -> {outs}")
     built, here = info["versions_built"] or {}, info["versions_here"]
     lines.append("  versions (built / here): " + ", ".join(
-        f"{k} {built.get(k)} / {here.get(k)}" for k in ("clinvla_engine", "torch", "onnxruntime", "tensorrt", "cuda")
+        f"{k} {built.get(k)} / {here.get(k)}" for k in ("clinvla_engine", "torch", "onnxruntime", "openvino", "tensorrt", "cuda")
         if built.get(k) or here.get(k)))
     lines.append(f"  version check: {info['versions_status']}")
     b = info.get("build") or {}
@@ -91,9 +91,13 @@ def format_inspection(info: dict) -> str:
                      + (f" ({source['studies']})" if source.get("studies") is not None else ""))
     calibration = info.get("calibration")
     if calibration:
-        lines.append(f"  fp8 calibrated on: {calibration['source']} "
-                     + (f"studies {calibration.get('path')} ({calibration.get('studies')})"
-                        if calibration["source"] == "user" else "inputs"))
+        if calibration["source"] == "user":
+            what = f"studies {calibration.get('path')} ({calibration.get('studies')})"
+        elif calibration["source"] == "synthetic":
+            what = f"studies ({calibration.get('studies')})"
+        else:
+            what = "inputs"
+        lines.append(f"  {info.get('precision')} calibrated on: {calibration['source']} {what}")
     if info.get("parity", {}).get("outputs"):
         lines.append("  " + format_report(info["parity"], "parity at build").replace("\n", "\n  "))
     lines.append("  files:")

@@ -12,6 +12,8 @@ Layout (which engine files are present depends on the backend)::
       image.pt2  text.pt2    AOTInductor packages (+ image.constants.safetensors ... when the
                              constants are kept outside the shared object)
       weights.safetensors    the encoders' weights (compile backend: torch.compile at load time)
+      image.xml  image.bin   OpenVINO IR (openvino): the graph and its weights, fp32 or NNCF int8
+      text.xml   text.bin
 
 Loading checks, in order; the first failure raises ``BundleError`` naming the file, field or
 version and the fix:
@@ -53,12 +55,14 @@ VERSION_RULES = {
     "torch": "exact",  # AOTInductor packages link libtorch; compile bundles rebuild the model with it
     "onnxruntime": "minor",  # the graph optimisations and operator set of the ORT that was measured
     "tensorrt": "exact",  # serialized plans only deserialize in the TensorRT release that built them
+    "openvino": "minor",  # the CPU plugin's kernels and precision handling that parity was measured with
 }
 BACKEND_DEPENDS = {
     "onnxruntime": ("clinvla_engine", "onnxruntime"),
     "aoti": ("clinvla_engine", "torch"),
     "tensorrt": ("clinvla_engine", "tensorrt"),
     "compile": ("clinvla_engine", "torch"),
+    "openvino": ("clinvla_engine", "openvino"),
 }
 # What each backend can hold: the devices, precisions and graph file suffix it builds. A manifest
 # outside these was edited by hand (or by a builder this runtime does not know).
@@ -67,7 +71,11 @@ BACKEND_RULES = {
     "aoti": {"devices": ("cpu", "cuda"), "precisions": ("fp32", "fp16", "bf16"), "suffix": ".pt2"},
     "tensorrt": {"devices": ("cuda",), "precisions": ("fp32", "fp16", "bf16", "fp8"), "suffix": ".plan"},
     "compile": {"devices": ("cpu", "cuda"), "precisions": ("fp32", "fp16", "bf16"), "suffix": ".safetensors"},
+    "openvino": {"devices": ("cpu",), "precisions": ("fp32", "bf16", "int8"), "suffix": ".xml"},
 }
+# OpenVINO: the INFERENCE_PRECISION_HINT the runtime sets for each bundle precision. Anything else
+# (e.g. an fp32 bundle run in bf16, OpenVINO's default on a bf16 CPU) is not what parity measured.
+OPENVINO_INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 GRAPH_IO = {
     "image": {"inputs": {1: ["frontal"], 2: ["frontal", "lateral", "lateral_present"]},
               "outputs": ["image_emb", "regions"]},
@@ -98,7 +106,7 @@ def installed_versions() -> dict[str, str | None]:
         out["cuda"] = torch.version.cuda
     except ImportError:  # pragma: no cover - torch is a hard dependency
         out["torch"] = None
-    for name in ("onnx", "onnxruntime", "tensorrt", "onnx_graphsurgeon"):
+    for name in ("onnx", "onnxruntime", "tensorrt", "onnx_graphsurgeon", "openvino"):
         out[name] = _module_version(name)
     return out
 
@@ -106,7 +114,8 @@ def installed_versions() -> dict[str, str | None]:
 def _module_version(name: str) -> str | None:
     from .. import backends
 
-    avail = backends.module(name, "trt" if name == "tensorrt" else "export")
+    extra = {"tensorrt": "trt", "openvino": "openvino"}.get(name, "export")
+    avail = backends.module(name, extra)
     return avail.why if avail else None
 
 
@@ -234,9 +243,11 @@ def validate_manifest(manifest: Any, where: Path) -> dict[str, Any]:
         file = g.get("file")
         if file not in files or not str(file).endswith(rules["suffix"]):
             raise bad(f"graphs.{gname}.file", f"a listed {rules['suffix']} file (a {backend} bundle)", file)
-        for extra in ("constants", "onnx"):
+        for extra in ("constants", "onnx", "weights"):
             if extra in g and g[extra] not in files:
                 raise bad(f"graphs.{gname}.{extra}", "the name of a listed file", g[extra])
+        if backend == "openvino" and not (g.get("weights") in files and str(g["weights"]).endswith(".bin")):
+            raise bad(f"graphs.{gname}.weights", "a listed .bin file (the OpenVINO IR's weights)", g.get("weights"))
         for side in ("inputs", "outputs"):
             specs = g.get(side)
             io = GRAPH_IO[gname][side]
@@ -255,6 +266,13 @@ def validate_manifest(manifest: Any, where: Path) -> dict[str, Any]:
         if backend == "tensorrt" and g.get("profiles") != sizes:
             raise bad(f"graphs.{gname}.profiles", f"the batch sizes {sizes} (one TensorRT profile each)",
                       g.get("profiles"))
+    if backend == "openvino":
+        details = manifest.get("backend_details")
+        want = OPENVINO_INFERENCE_PRECISION[manifest["precision"]]
+        got = details.get("inference_precision") if isinstance(details, dict) else details
+        if got != want:
+            raise bad("backend_details.inference_precision", f"\"{want}\" for a {manifest['precision']} openvino "
+                      "bundle", got)
     return manifest
 
 

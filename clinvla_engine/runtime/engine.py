@@ -9,7 +9,7 @@
 Inputs are batched into the bundle's buckets (at most the largest bucket per call of a graph;
 static-shape backends pad the last chunk up to the next bucket). On a GPU, inputs are staged in
 pinned memory and fixed buckets are replayed as CUDA graphs. Calls may come from several threads:
-preprocessing runs in the calling thread, and each graph is either thread-safe (ONNX Runtime) or
+preprocessing runs in the calling thread, and each graph is either thread-safe (ONNX Runtime, OpenVINO) or
 serialised by a per-graph lock.
 """
 from __future__ import annotations
@@ -63,13 +63,16 @@ class Engine:
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None, *,
              verify: bool = True, cuda_graphs: bool = True, threads: int | None = None,
-             staging: bool = False) -> "Engine":
+             performance_hint: str | None = None, staging: bool = False) -> "Engine":
         """Loads a bundle after checking its manifest, completeness, versions, file list and
         (verify=True) every file's SHA-256; see clinvla_engine.runtime.bundle.
 
-        device defaults to the one the bundle was built for; an AOTInductor or TensorRT bundle only
-        runs on the device type it was compiled for. threads caps ONNX Runtime's intra-op threads
-        (AOTInductor and compile bundles on a CPU use torch's, see torch.set_num_threads).
+        device defaults to the one the bundle was built for; an AOTInductor, TensorRT or OpenVINO
+        bundle only runs on the device type it was compiled for. threads caps ONNX Runtime's
+        intra-op threads and sets OpenVINO's (default: the CPUs this process may use); AOTInductor
+        and compile bundles on a CPU use torch's, see torch.set_num_threads. performance_hint
+        ("latency", the default, or "throughput") is OpenVINO's: one stream per call, or a call's
+        batch split over several streams; other backends have no such switch and refuse it.
         staging=True is for the builder's parity check of a bundle it has not finished; a
         deployment never passes it.
         """
@@ -77,14 +80,18 @@ class Engine:
         directory, manifest = load_bundle(directory, verify=verify, allow_incomplete=staging)
         device = _resolve_device(manifest, device)
         built_for = manifest.get("device", "cpu")
-        if manifest["backend"] in ("aoti", "tensorrt") and device.type != built_for:
+        if performance_hint is not None and manifest["backend"] != "openvino":
+            raise ValueError(f"performance_hint applies to OpenVINO engines only; {directory} is a "
+                             f"{manifest['backend']} engine: drop performance_hint")
+        if manifest["backend"] in ("aoti", "tensorrt", "openvino") and device.type != built_for:
             raise BundleError(f"engine bundle {directory} was compiled for {built_for} ({manifest['backend']}); "
                               f"it cannot run on {device.type}: rebuild it with --device {device.type}")
         if manifest["backend"] == "aoti" and device.type == "cuda":
             from .aoti_probe import probe_bundle
 
             probe_bundle(directory, manifest, device)
-        runner = make_runner(directory, manifest, device, cuda_graphs=cuda_graphs, threads=threads)
+        runner = make_runner(directory, manifest, device, cuda_graphs=cuda_graphs, threads=threads,
+                             performance_hint=performance_hint)
         return cls(directory, manifest, runner, time.perf_counter() - t0)
 
     def close(self) -> None:

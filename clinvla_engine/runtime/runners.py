@@ -8,11 +8,15 @@ their ``run`` then holds a per-graph lock.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import os
+import queue
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .. import backends
@@ -315,11 +319,130 @@ class TrtRunner(Runner):
         return {k: produced[k].float().cpu() for k in outputs}
 
 
-RUNNERS = {"onnxruntime": OrtRunner, "aoti": AotiRunner, "compile": CompileRunner, "tensorrt": TrtRunner}
+# ---- OpenVINO ------------------------------------------------------------------------------
+PERFORMANCE_HINTS = ("latency", "throughput")
+# The x86 instruction sets that decide OpenVINO's CPU kernels (and so its speed at each precision).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_isa() -> list[str]:
+    """The ISA_FLAGS this CPU has, from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def openvino_cpu_info() -> dict:
+    """{"name", "capabilities" (OpenVINO's OPTIMIZATION_CAPABILITIES: FP32, BF16, INT8 ...),
+    "isa"} of this machine's CPU as OpenVINO sees it; the bf16 build and run decisions use it."""
+    ov = backends.import_backend("openvino", "openvino", "OpenVINO CPU engines")
+    core = ov.Core()
+    return {"name": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+            "capabilities": [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")],
+            "isa": cpu_isa()}
+
+
+def machine_threads() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO IR compiled for the CPU with the bundle's inference precision (f32 must be set:
+    OpenVINO's default on a bf16-capable CPU is bf16).
+
+    performance_hint "latency": one stream using every thread; each call runs its batch as one
+    request. "throughput": several streams with a few threads each; a call splits its batch over
+    that many requests and runs them at once (one request alone would use one stream's threads
+    only). Requests come from a pool per graph and a call that finds it empty makes its own, so
+    calls from several threads never share a request."""
+
+    backend = "openvino"
+    thread_safe = True  # each calling thread takes its own infer requests (see _run)
+
+    def __init__(self, directory, manifest, device, threads: int | None = None, performance_hint: str | None = None):
+        super().__init__(directory, manifest, device)
+        ov = backends.import_backend("openvino", "openvino", "the openvino engine backend")
+        if device.type != "cpu":
+            raise BundleError(f"engine bundle {directory} is an OpenVINO CPU engine; load it with device='cpu'")
+        hint = (performance_hint or "latency").lower()
+        if hint not in PERFORMANCE_HINTS:
+            raise ValueError(f"performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}, got {performance_hint!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer (or None for this machine's {machine_threads()}), "
+                             f"got {threads!r}")
+        precision = manifest["backend_details"]["inference_precision"]
+        if precision == "bf16" and "BF16" not in openvino_cpu_info()["capabilities"]:
+            # Still correct (more precise), only slower: run it rather than refuse a working engine.
+            self.notes.append(f"this CPU ({openvino_cpu_info()['name']}) has no native bf16: the bf16 engine runs in f32")
+            precision = "f32"
+        self.threads = threads or machine_threads()
+        self.hint = hint
+        config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": precision,
+                  "INFERENCE_NUM_THREADS": self.threads}
+        core = ov.Core()
+        self.compiled, self.pools, self.requests = {}, {}, {}
+        for name, g in self.graphs.items():
+            model = core.read_model(str(directory / g["file"]), str(directory / g["weights"]))
+            compiled = core.compile_model(model, "CPU", config)
+            self.compiled[name] = compiled
+            n = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if hint == "throughput" else 1
+            self.requests[name] = max(1, n)
+            self.pools[name] = queue.SimpleQueue()
+            for _ in range(self.requests[name]):
+                self.pools[name].put(compiled.create_infer_request())
+        self.notes.append(f"OpenVINO {ov.__version__}: {hint} hint, {self.threads} threads, inference precision "
+                          f"{precision}, infer requests {self.requests}")
+
+    def _run(self, graph, feeds, outputs):
+        names = [t["name"] for t in self.graphs[graph]["inputs"]]
+        arrays = {k: feeds[k].detach().cpu().numpy() for k in names}
+        n = len(arrays[names[0]])
+        pool = self.pools[graph]
+        # A request is taken from the pool (or made) for each part, so concurrent callers never
+        # share one; a latency engine runs the batch as one part.
+        parts = min(n, self.requests[graph]) if self.hint == "throughput" else 1
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        taken = []
+        try:
+            for i in range(parts):
+                try:
+                    req = pool.get_nowait()
+                except queue.Empty:  # more concurrent calls than requests: one more for this call
+                    req = self.compiled[graph].create_infer_request()
+                taken.append(req)
+                req.start_async({k: v[bounds[i]:bounds[i + 1]] for k, v in arrays.items()}, share_inputs=False)
+            for req in taken:
+                req.wait()
+            result = {k: torch.from_numpy(np.concatenate([req.get_tensor(k).data.copy() for req in taken])).float()
+                      for k in outputs}
+        finally:
+            for req in taken:
+                pool.put(req)
+        return result
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(performance_hint=self.hint, threads=self.threads)
+        return d
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "aoti": AotiRunner, "compile": CompileRunner, "tensorrt": TrtRunner,
+           "openvino": OpenVinoRunner}
 
 
 def make_runner(directory: Path, manifest: dict, device: torch.device, cuda_graphs: bool = True,
-                threads: int | None = None) -> Runner:
+                threads: int | None = None, performance_hint: str | None = None) -> Runner:
     backend = manifest.get("backend")
     cls = RUNNERS.get(backend)
     if cls is None:
@@ -328,4 +451,6 @@ def make_runner(directory: Path, manifest: dict, device: torch.device, cuda_grap
         backends.require(backends.cuda(), f"running the {backend} engine on {device}")
     if cls is OrtRunner:
         return cls(directory, manifest, device, threads=threads)
+    if cls is OpenVinoRunner:
+        return cls(directory, manifest, device, threads=threads, performance_hint=performance_hint)
     return cls(directory, manifest, device, cuda_graphs=cuda_graphs)
