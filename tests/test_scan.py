@@ -117,7 +117,8 @@ def test_rescan_reads_only_new_and_changed_files_and_drops_deleted(tree, tmp_pat
     first = scan_dicom_tree(tree, manifest, workers=1, salt=SALT)
     again = scan_dicom_tree(tree, manifest, workers=1, salt=SALT)  # previous defaults to the manifest
     assert manifest_info(again)["stats"] | {"seconds": 0, "files_per_s": 0} == {
-        "files": 7, "read": 0, "reused": 7, "dropped": 0, "errors": 4, "workers": 1, "seconds": 0, "files_per_s": 0}
+        "files": 7, "read": 0, "reused": 7, "dropped": 0, "errors": 4, "workers": 1, "seconds": 0, "files_per_s": 0,
+        "read_cpu_s": 0}  # nothing read, so no CPU spent reading
     assert again.replace_schema_metadata(None).equals(first.replace_schema_metadata(None))
 
     study = first.to_pylist()[0]["study_instance_uid"] or generate_uid()
@@ -159,6 +160,7 @@ def test_parallel_scan_matches_serial_and_reports_rate(tmp_path, monkeypatch):
     assert parallel.num_rows == 200 and parallel.replace_schema_metadata(None).equals(serial.replace_schema_metadata(None))
     s, p = manifest_info(serial)["stats"], manifest_info(parallel)["stats"]
     assert (s["workers"], p["workers"]) == (1, 2)  # the pool really ran
+    assert s["read_cpu_s"] > 0 and p["read_cpu_s"] > 0  # the workers' CPU time comes back with their rows
     print(f"\nheader scan of 200 files: serial {s['files_per_s']} files/s, "
           f"2 workers {p['files_per_s']} files/s ({elapsed:.2f} s with pool start-up)")
 

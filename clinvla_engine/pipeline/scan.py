@@ -12,7 +12,8 @@ supplies rows that are reused as they are when the file's size and mtime_ns are 
 changed files are read; rows of deleted files are dropped. Nothing is reused when the previous
 manifest has another schema version or was hashed with another salt (its ``salt_fingerprint``).
 The table's metadata ``clinvla.manifest`` (JSON) holds the schema version, the salt
-fingerprint and the run's stats: files, read, reused, dropped, seconds, files_per_s.
+fingerprint and the run's stats: files, read, reused, dropped, errors, workers, seconds,
+files_per_s and read_cpu_s (CPU seconds of the header reads, summed over the workers).
 
 Columns: path (relative to root, '/' separated); study / series / SOP instance UIDs, SOP class
 UID; modality; view_position (raw, stripped); view_code ("SCHEME:VALUE" of ViewCodeSequence[0]);
@@ -24,14 +25,21 @@ not DICOM, unreadable header, DICOMDIR, modality other than CR/DX, colour or mul
 StudyInstanceUID, an impossible size or bit depth). No names, dates or free-text elements are read
 into the manifest.
 
-Speed: pydicom's header parse dominates. Measured on the 2-core build box (shared, load average
-5-7 at the time, so these are floors): 10,000 DX files of 64 x 64 pixels in 100 x 100 folders,
-about 770 files/s on one worker (1.3 ms per file) and the same with two, the second core being
-busy; a rescan of the unchanged 10,000 files (walk, stat, reuse, write) took 1.3 s. The parallel
-path gives close to a core's worth per worker where cores are free. ``specific_tags`` was
-measured slower than a plain ``stop_before_pixels`` read on such headers, so it is not used.
-``workers`` defaults to the CPUs this process may use. Files go to workers in chunks of
-``CHUNK_FILES`` so that process hand-off costs little; under ``PARALLEL_MIN_FILES`` new files
+Speed: pydicom's header parse dominates. Measured by ``benchmarks/bench_archive.py --part scan``
+on the 2-core build box while other sessions' jobs kept both cores busy (load average 5-8, CPU
+pressure 60-70%): 100,000 DX files of 16 x 16 pixels in 1,000 folders cost 0.59 CPU ms per file
+on one worker and 0.63 with two (the pool adds about 7%: hand-off, forkserver start, Arrow
+batches). In wall-clock time two workers were not faster there (1,290 files/s serial, 970
+parallel), most likely because that kernel schedules by session (sched_autogroup_enabled=1): a
+scan's processes share one session's slice of a busy machine however many they are.
+Instrumented workers never waited for work (0.1 s of gaps in 8 s) but got 40% of a core each. In
+two 5,000-file runs at lighter moments two workers ran 1.7x and 1.9x the serial rate. At 0.6 CPU
+ms per file a free core reads about 1,600 files/s (inferred). A rescan of the unchanged 100,000
+files (walk, stat, reuse, write) took 4.8 s, and 4.8 s with 1% of them touched.
+
+``specific_tags`` was measured slower than a plain ``stop_before_pixels`` read on such headers,
+so it is not used. ``workers`` defaults to the CPUs this process may use. Files go to workers in
+chunks of ``CHUNK_FILES`` so that process hand-off costs little; under ``PARALLEL_MIN_FILES`` new files
 are read in-process, since a pool's start-up would cost more than it saves. Workers start from a
 forkserver (preloaded with pydicom), so a script that calls this from its top level needs the
 usual ``if __name__ == "__main__":`` guard.
@@ -218,8 +226,18 @@ def scan_file(root: str, rel: str, size: int, mtime_ns: int, salt: bytes | None)
     return row
 
 
-def _scan_chunk(root: str, files: list[tuple[str, int, int]], salt: bytes | None) -> list[dict]:
-    return [scan_file(root, rel, size, mtime, salt) for rel, size, mtime in files]
+def _scan_chunk(root: str, files: list[tuple[str, int, int]], salt: bytes | None) -> tuple[pa.RecordBatch, float]:
+    """The rows of one chunk as one Arrow record batch, and the CPU seconds it took to make them.
+
+    The batch is built in the worker, so a chunk crosses the process boundary as a few column
+    buffers instead of one pickled 23-key dict per file, and the parent, which shares the cores
+    with the workers, neither unpickles nor converts per-file dicts (nor holds them all at once:
+    about 1.8 KB of Python objects per file). The CPU time goes into the stats because on a shared
+    machine wall-clock files/s says more about the neighbours than about the scan."""
+    cpu = time.process_time()
+    batch = pa.RecordBatch.from_pylist([scan_file(root, rel, size, mtime, salt) for rel, size, mtime in files],
+                                       schema=MANIFEST_SCHEMA)
+    return batch, time.process_time() - cpu
 
 
 def _default_workers() -> int:
@@ -315,14 +333,17 @@ def scan_dicom_tree(
         else:
             todo.append((rel, size, mtime))
 
-    rows: list[dict] = []
+    batches: list[pa.RecordBatch] = []
+    read_cpu_s = 0.0
     chunks = [todo[i:i + CHUNK_FILES] for i in range(0, len(todo), CHUNK_FILES)]
     workers = _default_workers() if workers is None else max(1, int(workers))
     bar = _progress_bar(progress, len(todo))
     serial = workers == 1 or len(todo) < PARALLEL_MIN_FILES
     if serial:
         for chunk in chunks:
-            rows.extend(_scan_chunk(str(root_path), chunk, salt))
+            batch, cpu = _scan_chunk(str(root_path), chunk, salt)
+            batches.append(batch)
+            read_cpu_s += cpu
             bar.update(len(chunk))
     else:
         # forkserver: workers start from a clean process, not a fork of a caller that may hold
@@ -333,12 +354,13 @@ def scan_dicom_tree(
             # pool after the first instead of about 1 s of imports per worker)
             context.set_forkserver_preload([__name__, "pydicom", "pydicom.filereader", "pydicom.dataset"])
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
-            for chunk_rows in pool.map(_scan_chunk, [str(root_path)] * len(chunks), chunks, [salt] * len(chunks)):
-                rows.extend(chunk_rows)
-                bar.update(len(chunk_rows))
+            for batch, cpu in pool.map(_scan_chunk, [str(root_path)] * len(chunks), chunks, [salt] * len(chunks)):
+                batches.append(batch)
+                read_cpu_s += cpu
+                bar.update(batch.num_rows)
     bar.close()
 
-    fresh = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    fresh = pa.Table.from_batches(batches, schema=MANIFEST_SCHEMA)
     if keep:
         fresh = pa.concat_tables([prev_table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).take(keep), fresh])
     table = fresh.sort_by("path") if fresh.num_rows else fresh
@@ -352,6 +374,7 @@ def scan_dicom_tree(
         "workers": 1 if serial else min(workers, len(chunks)),
         "seconds": round(seconds, 3),
         "files_per_s": round(len(todo) / seconds, 1) if todo and seconds > 0 else None,
+        "read_cpu_s": round(read_cpu_s, 3),  # CPU time of the header reads, summed over workers
     }
     info = {"schema_version": MANIFEST_VERSION, "salt_fingerprint": fingerprint, "stats": stats}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(info).encode()})
