@@ -23,7 +23,20 @@ $(STAMP): pyproject.toml setup.py $(NATIVE)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-setup: $(STAMP)
+# Debian's Chromium for the page test (tests/test_serve.py drives it with Playwright through
+# executable_path; Playwright's own browser download is not used). Installed when apt-get is there
+# and we are root, as on CI; elsewhere the browser test skips and says why.
+BROWSER_STAMP := $(VENV)/.clinvla-browser
+
+$(BROWSER_STAMP): | $(STAMP)
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is not installed and cannot be installed here: the browser test will skip"; fi
+	@touch $(BROWSER_STAMP)
+
+setup: $(STAMP) $(BROWSER_STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q -m "$(PYTEST_MARKERS)"

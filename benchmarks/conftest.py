@@ -31,6 +31,8 @@ QUICK_ARGS = {
     "topk": ("benchmarks.bench_topk", ["--quick"]),
     "engine": ("benchmarks.bench_engine", ["--preset", "tiny", "--batches", "1", "--repeat", "3"]),
     "archive": ("benchmarks.bench_archive", ["--quick", "--part", "pipeline", "--repeat", "2"]),
+    "serve": ("benchmarks.bench_serve", ["--quick"]),
+    "search": ("benchmarks.bench_search", ["--quick", "--queries", "20"]),
 }
 
 

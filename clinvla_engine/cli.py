@@ -174,9 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .export.commands import add_engine_commands
     from .pipeline.cli import add_embed_parser
+    from .search.cli import add_search_parsers
+    from .serve.cli import add_serve_parser
 
     add_engine_commands(sub)
     add_embed_parser(sub)
+    add_search_parsers(sub)
+    add_serve_parser(sub)
     return ap
 
 

@@ -276,3 +276,44 @@ def test_cuda_index_add_remove_save_load(tmp_path):
     s_cpu, i_cpu = cpu.search(q.cpu(), 16)
     np.testing.assert_array_equal(i_gpu.cpu().numpy(), i_cpu.numpy())
     torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- FAISS conventions
+
+@needs_ext
+def test_faiss_names_and_padding():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    index = Index(16, "float16")
+    assert (index.ntotal, index.d) == (0, 16)
+    np.testing.assert_array_equal(index.add_with_ids(x, np.arange(100, 106)), np.arange(100, 106))
+    assert (index.ntotal, index.d) == (6, 16) == (len(index), index.dim)
+    scores, ids = index.search(x[:2], 9)  # k above ntotal: -1 ids and -inf scores pad the tail
+    assert ids.shape == scores.shape == (2, 9)
+    assert (ids[:, 6:] == -1).all() and np.isneginf(scores[:, 6:]).all() and (ids[:, :6] >= 100).all()
+    assert index.remove_ids(np.array([100, 103, 999])) == 2 and index.ntotal == 4
+    scores, ids = index.search(x[:1], 5)
+    assert set(ids[0, :4]) == {101, 102, 104, 105} and ids[0, 4] == -1
+
+
+@needs_ext
+def test_float32_queries_into_a_float16_index_are_converted():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    index = Index(32, "float16")
+    index.add(x)
+    q = rng.standard_normal((5, 32))  # float64 too
+    want_s, want_i = index.search(q.astype(np.float16), 10)
+    for query in (q.astype(np.float32), q, torch.from_numpy(q.astype(np.float32))):
+        s, i = index.search(query, 10)
+        np.testing.assert_array_equal(np.asarray(i), want_i)
+        np.testing.assert_array_equal(np.asarray(s), want_s)
+    # a float16 query into a float32 index is widened the same way
+    index32 = Index(32, "float32")
+    index32.add(x)
+    np.testing.assert_array_equal(index32.search(q.astype(np.float16), 10)[1],
+                                  index32.search(q.astype(np.float16).astype(np.float32), 10)[1])
+    # a wrong shape is still refused with what the caller passed
+    with pytest.raises(ValueError, match=r"got \(5, 16\) float32"):
+        index.search(np.ones((5, 16), np.float32), 3)

@@ -6,7 +6,20 @@
     index.save("archive.clvx"); index = Index.load("archive.clvx", device="cuda")
 
 Results are sorted by score, descending, ties broken by the smaller id; slots beyond the number
-of (allowed) vectors hold id -1 and score -inf. Arrays pass to the C++ core through DLPack without
+of (allowed) vectors hold id -1 and score -inf.
+
+FAISS conventions (for users of `faiss.IndexFlatIP`): `ntotal`, `d`, `add_with_ids(x, ids)`,
+`remove_ids(ids)` and `search(x, k)` -> (scores, ids) with -1 padding work as there, and queries of
+another float dtype (float32 or float64 into a float16 index) are converted to the index's dtype.
+Where it differs, and why:
+  * padding scores are -inf, not FAISS's -3.4e38: no real inner product can tie with it;
+  * ties are broken by the smaller id, so results are reproducible across threads and devices
+    (FAISS leaves the order of equal scores to its heap);
+  * `search(..., allow=...)` restricts the scan to a subset of ids (FAISS needs an IDSelector in
+    SearchParameters); filtered searches stay exact and return k results where k are allowed;
+  * ids given to `add`/`add_with_ids` must be new (FAISS silently keeps duplicates), and `add`
+    without ids continues from `next_id` even after removals (FAISS's IndexFlat renumbers);
+  * k is bounded by MAX_K (see below); FAISS allocates whatever k asks for. Arrays pass to the C++ core through DLPack without
 copying; the GIL is released while it works; CUDA searches run on PyTorch's (or CuPy's) current
 stream. The maths, the CPU kernels and the CUDA rounds are described in csrc/core/scan_impl.hpp
 and csrc/cuda/flat_index_cuda.cu.
@@ -115,6 +128,16 @@ class Index:
         return "cpu" if self._kind == "cpu" else f"cuda:{self._device_index}"
 
     @property
+    def d(self) -> int:
+        """FAISS's name for `dim`."""
+        return self.dim
+
+    @property
+    def ntotal(self) -> int:
+        """FAISS's name for len(index): the number of stored vectors."""
+        return len(self)
+
+    @property
     def next_id(self) -> int:
         """The id `add` gives the next vector when no ids are passed (ids are never reused)."""
         return int(self._native.next_id)
@@ -139,6 +162,14 @@ class Index:
         obj, bf16 = _arrays.export(vectors)
         id_arr = None if ids is None else _arrays.host_int64(ids, "ids")
         return self._native.add(obj, id_arr, bf16_bits=bf16)
+
+    def add_with_ids(self, vectors: Any, ids: Any) -> np.ndarray:
+        """FAISS's name for `add(vectors, ids)`."""
+        return self.add(vectors, ids)
+
+    def remove_ids(self, ids: Any) -> int:
+        """FAISS's name for `remove(ids)`: returns how many were removed."""
+        return self.remove(ids)
 
     def remove(self, ids: Any) -> int:
         """Removes the vectors with these ids (unknown ids are ignored); returns how many."""
@@ -174,6 +205,7 @@ class Index:
             fit = max(1, MAX_RESULT_BYTES // (12 * k))
             raise ValueError(f"{nq} queries x k={k} would need {nq * k * 12 / 2**30:.1f} GiB of results, over the "
                              f"{MAX_RESULT_BYTES >> 20} MiB one search may use; search at most {fit} queries per call")
+        queries = self._as_query_dtype(queries)
         allow_obj = _arrays.allow_array(allow, queries, on_cuda)
         scores, ids = _arrays.empty_like_results(queries, nq, k)
         q_obj, bf16 = _arrays.export(queries)
@@ -186,6 +218,34 @@ class Index:
         else:
             self._native.search(q_obj, k, s_obj, i_obj, a_obj, bf16_bits=bf16)
         return scores, ids
+
+    def _as_query_dtype(self, queries: Any) -> Any:
+        """Converts float queries of another dtype to the index's (FAISS takes float32 queries for
+        any storage). The conversion is a copy of nq x d values, negligible beside the scan; it is
+        done here rather than in the core so the core keeps one dtype per call and no hidden copies."""
+        kind = _arrays.kind(queries)
+        want = self.dtype
+        if getattr(queries, "ndim", 0) != 2 or queries.shape[-1] != self.dim:
+            return queries  # a wrong shape is refused by the core, naming what the caller passed
+        if kind == "numpy":
+            have = queries.dtype.name
+            if have == want or have not in ("float16", "float32", "float64", "bfloat16"):
+                return queries  # right already, or not floats at all: the core's check words the refusal
+            if want == "bfloat16":
+                try:
+                    import ml_dtypes
+                except ImportError:
+                    raise TypeError(f"queries are {have} and this index stores bfloat16: install ml_dtypes or pass "
+                                    "a torch bfloat16 tensor") from None
+                return np.ascontiguousarray(queries, dtype=ml_dtypes.bfloat16)
+            return np.ascontiguousarray(queries, dtype=want)
+        if kind == "torch":
+            import torch
+
+            target = getattr(torch, want)
+            if queries.is_floating_point() and queries.dtype != target:
+                return queries.to(target).contiguous()
+        return queries
 
     # ---- files ----
     def save(self, path: str | os.PathLike) -> None:
