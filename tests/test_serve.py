@@ -576,7 +576,7 @@ def test_page_text_search_more_like_this_and_upload(browser, server, frontal_jpe
     assert first.locator(".report").inner_text().split()[:3] == want[0]["report"].split()[:3]
     assert page.locator(".card .more").count() == 8  # "more like this" on every result
     page.screenshot(path=str(tmp_path / "search_page.png"), full_page=True)
-    if os.environ.get("CLINVLA_SCREENSHOT"):  # how docs/search_page.png is refreshed
+    if os.environ.get("CLINVLA_SCREENSHOT"):  # how benchmarks/results/search_page.png (the README's screenshot) is refreshed
         shutil.copy(tmp_path / "search_page.png", os.environ["CLINVLA_SCREENSHOT"])
 
     source = _card_keys(page)[1]
