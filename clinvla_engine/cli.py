@@ -76,7 +76,7 @@ def _cmd_eval(args) -> int:
     from .backends import resolve_device
     from .evaluate import evaluate, format_table
     from .model import load_checkpoint
-    from .model.checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     device = resolve_device(args.device)
     model = load_checkpoint(args.checkpoint, map_location=device)

@@ -82,7 +82,7 @@ def _config(name: str, settings: dict, seed: int, quick: bool) -> dict:
 
 def _train(name: str, cfg: dict, studies, out: Path):
     from .model import load_checkpoint
-    from .model.checkpoint import atomic_write_text
+    from .files import atomic_write_text
     from .train import train
 
     run = out / name
@@ -141,7 +141,7 @@ def run_demo(out: str | Path = "demo_out", studies: int | None = None, steps: in
     table = metrics_table(runs, results)
     retrievals = _retrievals(runs["clinvla"]["model"], dataset)
     html = _report_html(settings, runs, results, table, retrievals, out, time.perf_counter() - t0)
-    from .model.checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     atomic_write_text(out / "report.html", html)
     atomic_write_text(out / "results.json", json.dumps(
@@ -239,7 +239,7 @@ def _report_html(settings, runs, results, table, retrievals, out: Path, seconds:
     import html
 
     png = _loss_plot(runs)
-    from .model.checkpoint import atomic_output
+    from .files import atomic_path as atomic_output
 
     with atomic_output(out / "loss_curves.png") as tmp:
         tmp.write_bytes(png)

@@ -24,7 +24,6 @@ every ranking count against the right answer (see precision_at_k, recall_at_k).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from .data.dataset import DEFAULT_MAX_BAD_FRACTION, BadStudyLog, Collate, StudyDataset, report_text
 from .data.study import CLASSES_5X200, CLASSES_8X200, DatasetError, Study
+from . import files
 from .eval_prompts import PROMPTS, QUERY_TEXTS
 from .model.checkpoint import atomic_write_text
 
@@ -224,13 +224,8 @@ def exclusive_class(study: Study, classes: Sequence[str]) -> str | None:
 
 
 def sha256_file(path: Path | str | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The file's SHA-256 (None for a missing view)."""
+    return None if path is None else files.sha256_file(path)
 
 
 def draw_class_set(studies: Sequence[Study], classes: Sequence[str], per_class: int, seed: int,

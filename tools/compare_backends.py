@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     for name, why in failures.items():
         print(f"{name}: not compared ({why})")
     if args.json:
-        from clinvla_engine.runtime.files import atomic_write_text
+        from clinvla_engine.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"reports": reports, "not_built": failures}, indent=2, default=str))
     return 0 if reports and all(r["passed"] for r in reports.values()) else 1

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from ..runtime import aoti_probe
-from ..runtime.files import atomic_path
+from ..files import atomic_path
 from ..runtime.graphs import PRECISION_DTYPES
 from .context import BuildContext, BuildError
 from .graphs import dynamic_shapes

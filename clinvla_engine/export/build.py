@@ -45,7 +45,7 @@ import torch
 from .. import backends
 from ..model import load_checkpoint
 from ..runtime.bundle import MANIFEST, STAGING_MARK, installed_versions, mark_complete, write_manifest
-from ..runtime.files import atomic_write_text, sha256_file
+from ..files import atomic_write_text, sha256_file
 from . import aoti_backend, compile_backend, openvino_backend, ort_backend, trt_backend
 from .context import PRECISIONS as _TORCH_AND_TRT_PRECISIONS
 from .context import BuildContext, BuildError, Progress

@@ -112,7 +112,7 @@ def build_engine_main(argv: list[str] | None = None) -> int:
     print(f"engine {result.path}: {m['backend']} on {m['device']}, {m['precision']}, buckets {m['batch_sizes']}; "
           f"batch {me['batch']}: image {me['image_ms']} ms, text {me['text_ms']} ms")
     if args.json:
-        from ..runtime.files import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"parity": m["parity"], "build": m["build"], "backend": m["backend"]},
                                                 indent=2, default=str))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from safetensors.torch import save_file
 
-from ..runtime.files import atomic_path
+from ..files import atomic_path
 from .aoti_backend import unsupported  # noqa: F401 - the same limits: both run Inductor-generated code
 from .context import BuildContext
 

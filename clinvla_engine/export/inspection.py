@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..runtime.bundle import BundleError, check_versions, file_status, installed_versions, read_manifest
-from ..runtime.files import sha256_file
+from ..files import sha256_file
 
 
 def inspect_bundle(directory: str | Path, verify: bool = True) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import backends
-from ..runtime.files import TMP_MARK, atomic_path
+from ..files import TMP_MARK, atomic_path
 from .graphs import GraphSpec, dynamic_shapes
 
 MIN_OPSET = 17

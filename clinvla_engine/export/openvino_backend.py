@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from .. import backends
-from ..runtime.files import TMP_MARK
+from ..files import TMP_MARK
 from ..runtime.runners import openvino_cpu_info
 from .context import BuildContext, BuildError
 

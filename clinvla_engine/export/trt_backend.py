@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from .. import backends
-from ..runtime.files import atomic_write_bytes
+from ..files import atomic_write_bytes
 from . import surgery
 from .context import BuildContext, BuildError
 from .graphs import MIN_TOKENS

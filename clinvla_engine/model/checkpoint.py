@@ -19,18 +19,17 @@ never leaves a half-written file under the real name.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..config import ClinVLAConfig, ConfigError
+from ..files import atomic_path as atomic_output
+from ..files import atomic_write_text
 from .clinvla import ClinVLA
 from .text import Tokenizer
 
@@ -45,47 +44,6 @@ class CheckpointError(ValueError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint that loads but could not be fully verified (written before content_sha256)."""
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Makes a rename in `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_name(path: Path) -> Path:
-    """A unique hidden temporary name beside `path` (same folder, so the rename is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_output(p) as tmp: write(tmp)``: on success `tmp` is fsynced and renamed to `p`
-    (then the folder is fsynced); on an error `tmp` is removed and `p` is untouched."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
 
 
 def content_digest(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:

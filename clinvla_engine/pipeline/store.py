@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..files import fsync_dir
+
 SCHEMA_VERSION = 1
 STORE_FORMAT = "clinvla-embedding-store"
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -98,20 +100,6 @@ def shard_schema(embed_dim: int, local_regions: int = 0) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _fsync_dir(path: Path) -> None:
-    # the rename is durable only once the folder entry is on disk
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_table(table: pa.Table, path: Path, **options: Any) -> None:
     """Writes a Parquet file under a unique temporary name, fsyncs it, renames it into place."""
     tmp = path.with_name(f"{TMP_MARK}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
@@ -124,7 +112,7 @@ def atomic_write_table(table: pa.Table, path: Path, **options: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(data: dict, path: Path) -> None:
@@ -135,7 +123,7 @@ def atomic_write_json(data: dict, path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _parts(folder: Path) -> list[tuple[int, Path]]:

@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .files import TMP_MARK, atomic_write_text, sha256_file
+from ..files import TMP_MARK, atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "clinvla-engine-bundle"

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..pipeline.store import atomic_write_json, atomic_write_table, shard_paths
-from ..runtime.files import TMP_MARK, sha256_file
+from ..files import TMP_MARK, sha256_file
 
 INDEX_FORMAT = "clinvla-index-dir"
 INDEX_VERSION = 1

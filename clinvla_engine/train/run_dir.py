@@ -37,14 +37,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import (
-    WEIGHTS_NAME,
-    atomic_output,
-    atomic_write_text,
-    fsync_dir,
-    save_checkpoint,
-    temp_name,
-)
+from ..files import atomic_path as atomic_output
+from ..files import atomic_write_text, fsync_dir, temp_name
+from ..model.checkpoint import WEIGHTS_NAME, save_checkpoint
 
 STATE_NAME = "train_state.pt"
 CONFIG_NAME = "config.json"

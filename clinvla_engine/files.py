@@ -1,4 +1,5 @@
-"""Writing and hashing files safely: the one place the builder and the runtime do either.
+"""Writing and hashing files safely: the one place the package does either (checkpoints, training
+runs, engine bundles, the runtime, the index folder, evaluation manifests). Torch-free.
 
 Every file a bundle (or a tool beside it) holds is written to a unique temporary name in the same
 folder and renamed into place (``os.replace`` is atomic on POSIX and Windows within one file
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +32,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
     # The rename is only durable once the folder entry is on disk; not every platform lets a
     # folder be opened for that (Windows), and durability is a bonus over atomicity there.
     try:
@@ -59,11 +61,20 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         if not tmp_path.is_file():
             raise OSError(f"the writer of {path} produced no file at {tmp_path}")
+        with open(tmp_path, "rb") as f:  # the bytes reach the disk before the name points at them
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A unique hidden temporary name beside `path` for a folder written whole and then renamed
+    into place (a checkpoint); files use atomic_path."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
