@@ -435,3 +435,17 @@ def test_k_too_large_is_refused_before_any_allocation(tmp_path):
     scores, ids = index.search(q, MAX_K)  # the bound itself is allowed: slots past 100 are padding
     assert ids.shape == (2, MAX_K) and (ids[:, 100:] == -1).all() and np.isneginf(scores[:, 100:]).all()
     assert (ids[:, :100] >= 0).all()
+
+
+def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
+    # mkstemp makes 0600 files and a rename keeps the mode: checkpoints and bundles written that way
+    # would be unreadable to a serving process of another user
+    from clinvla_engine.files import atomic_write_text
+
+    fresh = atomic_write_text(tmp_path / "new.json", "{}")
+    assert fresh.stat().st_mode & 0o777 == 0o644
+    shared = tmp_path / "shared.json"
+    shared.write_text("{}")
+    shared.chmod(0o664)
+    atomic_write_text(shared, "{\"a\": 1}")
+    assert shared.stat().st_mode & 0o777 == 0o664 and shared.read_text() == "{\"a\": 1}"

@@ -75,6 +75,7 @@ def test_open_refuses_existing_store_without_resume_and_foreign_folders(tmp_path
 def test_resume_with_another_engine_is_refused_by_summary_and_by_shards(tmp_path):
     w = StoreWriter(tmp_path / "s", fingerprint=FP_A, embed_dim=16)
     w.commit(rows_for(["k1"])[0], [])
+    w.close()
     with pytest.raises(StoreError, match="another engine"):
         StoreWriter(tmp_path / "s", fingerprint=FP_B, embed_dim=16, resume=True)
     # store.json is only a summary: with it gone, the shards' own metadata still refuses the mix
@@ -82,6 +83,7 @@ def test_resume_with_another_engine_is_refused_by_summary_and_by_shards(tmp_path
     w2 = StoreWriter(tmp_path / "s", fingerprint=FP_B, embed_dim=16, resume=True)
     with pytest.raises(StoreError, match="another engine"):
         w2.done()
+    w2.close()
     with pytest.raises(StoreError, match="--local-features none"):
         StoreWriter(tmp_path / "s", fingerprint=FP_B, embed_dim=16, resume=True, local_mode="pooled",
                     local_regions=8)
@@ -95,6 +97,7 @@ def test_uncommitted_temp_files_are_never_read_and_are_removed_on_resume(tmp_pat
     pq.write_table(table, tmp_path / "s" / "shards" / ".tmp-part-00001.parquet.123.abcd")
     assert sorted(done_keys(tmp_path / "s").to_pylist()) == ["k1", "k2"]
     assert read_store(tmp_path / "s").num_rows == 2
+    w.close()  # the killed writer's lock went with its process
     (tmp_path / "s" / ".tmp-errors.parquet.123.abcd").write_bytes(b"PAR1")  # killed while finishing
     w2 = StoreWriter(tmp_path / "s", fingerprint=FP_A, embed_dim=16, resume=True)
     assert not list((tmp_path / "s").rglob(".tmp-*"))
@@ -196,3 +199,15 @@ def test_resume_read_of_one_million_rows_under_10_s_with_bounded_memory(tmp_path
     assert float(seconds) < 10.0, f"resume read of 1M studies took {float(seconds):.1f} s"
     # only the key column is read: far below the 244 MiB of the 1M x 128 float16 embeddings
     assert float(extra_mib) < 160, f"resume read grew the process by {float(extra_mib):.0f} MiB"
+
+
+def test_one_writer_per_store(tmp_path):
+    # two writers would number their shards alike and overwrite each other's studies
+    w = StoreWriter(tmp_path / "s", fingerprint=FP_A, embed_dim=16)
+    with pytest.raises(StoreError, match="being written by another"):
+        StoreWriter(tmp_path / "s", fingerprint=FP_A, embed_dim=16, resume=True)
+    w.commit(rows_for(["k1"])[0], [])
+    w.finish()
+    again = StoreWriter(tmp_path / "s", fingerprint=FP_A, embed_dim=16, resume=True)  # released by finish
+    assert again.done().to_pylist() == ["k1"]
+    again.close()

@@ -41,7 +41,7 @@ def _bad_image_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "this file cannot be decoded", never a bug of ours: DatasetError
     (what load_image raises), OSError (missing, truncated, PIL's UnidentifiedImageError),
     ValueError and SyntaxError (decoders reporting corrupt data), PIL's DecompressionBombError."""
-    errors: list[type[BaseException]] = [DatasetError, OSError, ValueError, SyntaxError, MemoryError]
+    errors: list[type[BaseException]] = [DatasetError, OSError, ValueError, SyntaxError]  # not MemoryError: the machine's
     try:
         from PIL import Image
 

@@ -317,9 +317,11 @@ class EngineStage:
         """-> (ok indices, emb (K, E), local or None, [(index, reason)] failures)."""
         try:
             return list(range(len(fronts))), *self._run(fronts, lats), []
-        except Exception:
-            if len(fronts) == 1:
-                raise
+        except MemoryError:
+            raise  # the machine's problem, not the study's: recording it would skip it for good
+        except Exception as exc:
+            if len(fronts) == 1:  # one study the engine refuses is an error row, never the end of the run
+                return [], None, None, [(0, f"{type(exc).__name__}: {exc}")]
         ok, embs, locs, masks, failed = [], [], [], [], []
         for i in range(len(fronts)):  # the batch failed: find the study (or studies) at fault
             try:
@@ -333,7 +335,11 @@ class EngineStage:
                 locs.append(loc[0])
                 masks.append(loc[1])
         if not ok:
-            return ok, None, None, failed
+            # every study of the batch refused one by one: the engine or the machine is at fault
+            # (out of memory, a lost device), and recording them as bad would skip them on resume
+            raise RuntimeError(f"the engine refused all {len(fronts)} studies of a batch, each on its own "
+                               f"(first: {failed[0][1]}); nothing was recorded for them: fix the engine or "
+                               "the machine and run again with --resume")
         local = (np.concatenate(locs), np.concatenate(masks)) if locs else None
         return ok, np.concatenate(embs), local, failed
 

@@ -41,6 +41,7 @@ SCHEMA_VERSION = 1
 STORE_FORMAT = "clinvla-embedding-store"
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 TMP_MARK = ".tmp-"
+LOCK_NAME = ".writer.lock"
 LOCAL_MODES = ("none", "pooled", "full")
 POOL_GRID = 2  # pooled local features: each view's patch grid averaged down to POOL_GRID x POOL_GRID
 
@@ -217,20 +218,25 @@ class StoreWriter:
             "clinvla.local_features": local_mode,
         })
         self.info = dict(info or {})
-        self._open(resume)
+        try:
+            self._open(resume)
+        except BaseException:
+            self.close()  # a refused open must not keep the store locked
+            raise
 
     # ---- opening ---------------------------------------------------------------------------
     def _open(self, resume: bool) -> None:
         root = self.root
         if root.exists() and not root.is_dir():
             raise StoreError(f"{root} is a file; --out must be a folder (new, or a store to --resume)")
+        self._lock(root)
         meta_path = root / "store.json"
         existing = meta_path.is_file() or bool(_parts(root / "shards")) or bool(_parts(root / "errors"))
         if existing and not resume:
             raise StoreError(f"{root} already holds an embedding store; pass --resume to continue it, "
                              "or choose a new --out folder")
         # a first run killed before its first commit leaves only these: still an (empty) store
-        ours = {"manifest.parquet", "shards", "errors"}
+        ours = {"manifest.parquet", "shards", "errors", LOCK_NAME}
         if root.exists() and not existing and any(p.name not in ours and not p.name.startswith(TMP_MARK)
                                                   for p in root.iterdir()):
             raise StoreError(f"{root} is not empty and is not an embedding store; choose an empty or new --out folder")
@@ -326,7 +332,30 @@ class StoreWriter:
     def finish(self, extra: dict | None = None) -> dict:
         """Rebuilds STORE/errors.parquet from the parts and marks the summary complete."""
         atomic_write_table(read_errors(self.root), self.root / "errors.parquet")
-        return self.write_summary(running=False, extra=extra)
+        summary = self.write_summary(running=False, extra=extra)
+        self.close()
+        return summary
+
+    def _lock(self, root: Path) -> None:
+        """One writer per store: two runs would number their shards alike and overwrite each other's.
+        The lock is the kernel's (flock), so a killed writer releases it with its process."""
+        import fcntl
+
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(root / LOCK_NAME, "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise StoreError(f"{root} is being written by another `clinvla embed` (it holds {root / LOCK_NAME}); "
+                             "wait for it to finish, then --resume") from None
+
+    def close(self) -> None:
+        """Releases the store for another writer (finish() does it; so does the process's end)."""
+        lock = getattr(self, "_lock_file", None)
+        if lock is not None:
+            lock.close()  # closing the file releases the flock
+            self._lock_file = None
 
 
 def filter_new(keys: Sequence[str], done: pa.Array) -> np.ndarray:

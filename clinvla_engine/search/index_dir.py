@@ -159,6 +159,9 @@ def _write(store: Path, out: Path, *, dtype: str | None, device: str, update: bo
         raise IndexDirError(f"{store} mixes shards of {len(fingerprints)} engines; an index holds one engine's "
                             "embeddings: re-embed into a new store")
     engine_fp = next(iter(fingerprints), None)
+    if engine_fp is None:  # without it a search could not refuse another engine's queries
+        raise IndexDirError(f"{store} records no engine fingerprint (neither its shards nor store.json): "
+                            "re-embed it with `clinvla embed`")
     first = pq.ParquetFile(shards[0]).schema_arrow
     dim = first.field("embedding").type.list_size
     has_local = "local_features" in first.names

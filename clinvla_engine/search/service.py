@@ -457,7 +457,7 @@ class SearchService:
             queries = self._queries
         return {
             "status": "ok",
-            "index_dir": str(self.index_dir),
+            "index": self.index_dir.name,  # the name only: a client has no business with server paths
             "studies": self.n,
             "dim": m["dim"],
             "dtype": m["dtype"],

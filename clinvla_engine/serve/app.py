@@ -78,7 +78,9 @@ class Filters(BaseModel):
     Typed here, not passed through as a free dict, so a wrong type is a 422 that names the field."""
     model_config = ConfigDict(extra="forbid")
     has_lateral: bool | None = Field(None, description="only studies with (true) or without (false) a lateral view")
-    label: str | list[str] | None = Field(None, description="CheXpert label name(s) that must be positive")
+    # at most 16 names: each one costs a pass over the whole index
+    label: str | Annotated[list[str], Field(max_length=16)] | None = Field(
+        None, description="CheXpert label name(s) that must be positive")
     split: str | None = Field(None, description="train, validate or test, where the archive says")
     date_from: datetime.date | None = Field(None, description="first study date, inclusive (indexes with dates)")
     date_to: datetime.date | None = Field(None, description="last study date, inclusive (indexes with dates)")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path as atomic_output
-from ..files import atomic_write_text, fsync_dir, temp_name
+from ..files import TMP_MARK, atomic_write_text, fsync_dir, temp_name
 from ..model.checkpoint import WEIGHTS_NAME, save_checkpoint
 
 STATE_NAME = "train_state.pt"
@@ -163,7 +163,7 @@ class RunDirectory:
             if not folder.is_dir():
                 continue
             for p in folder.iterdir():
-                if p.name.startswith(".") and p.name.endswith(".tmp") or p.name.startswith(".trash-"):
+                if p.name.startswith(".") and TMP_MARK in p.name or p.name.startswith(".trash-"):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -206,9 +206,13 @@ class RunDirectory:
             with atomic_output(tmp / STATE_NAME) as f:
                 torch.save({**state, "step": step, "checkpoint_id": checkpoint_id}, f)
             fsync_dir(tmp)
-            if final.exists():  # the same step saved again (a run that ended on a save step)
-                self._discard(final)
+            old = None
+            if final.exists():  # the same step saved again: set the old one aside, delete it only
+                old = final.with_name(f".trash-{uuid.uuid4().hex[:12]}")  # once the new one is in place
+                os.rename(final, old)
             os.rename(tmp, final)  # the commit: the checkpoint exists from here on, complete
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

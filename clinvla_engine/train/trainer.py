@@ -302,6 +302,12 @@ class Trainer:
         if scaler:
             scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        if not scaler and not torch.isfinite(grad_norm):
+            # without a GradScaler to skip it, this step would write NaN into every weight, and the
+            # next save would replace the last good checkpoint with them
+            raise TrainError(f"{self._out}: the gradients of optimizer step {self.step + 1} are NaN or infinite "
+                             f"(norm {grad_norm.item()}); the weights were not changed. Resume from the last "
+                             "checkpoint with a lower learning rate (or train.amp = \"fp32\" in the config)")
         if scaler:
             scaler.step(opt)
             scaler.update()
