@@ -127,12 +127,14 @@ def test_random_sigkills_then_resume_equal_the_uninterrupted_run(archive, refere
         resume = attempt > 0
         pid = _fork(lambda: train(CFG, archive, out, max_steps=6, resume=resume, progress=False))
         if _wait_for_new_checkpoint(out, start, pid):  # then a random moment of the next step or save
-            time.sleep(rng.uniform(0.0, 0.5))
+            # a short window: on an idle machine the few remaining tiny steps take well under a second,
+            # and a kill after the end would test nothing
+            time.sleep(rng.uniform(0.0, 0.03))
             os.kill(pid, signal.SIGKILL)
         outcomes.append(_wait(pid))
         assert outcomes[-1] in ("exit 0", f"signal {signal.SIGKILL}"), outcomes
         _assert_consistent(out)
-    assert outcomes[0] == f"signal {signal.SIGKILL}", outcomes  # at least one kill landed mid-run
+    assert f"signal {signal.SIGKILL}" in outcomes, outcomes  # at least one kill landed mid-run
     train(CFG, archive, out, max_steps=6, resume=True, progress=False)
     _assert_equal_weights(out, reference)
     assert _steps_logged(out) == [1, 2, 3, 4, 5, 6], outcomes  # no step lost or logged twice
