@@ -406,6 +406,21 @@ class BufferedWriter:
 
 
 # ---- the local executor -------------------------------------------------------------------------
+def _result(fut, pool: ProcessPoolExecutor):
+    """fut.result(), but a dead worker is noticed even when the executor misses it: a worker killed
+    in some windows (SIGKILL, the OOM killer) left the future waiting forever (seen in CI, 1 run of 4).
+    Pool workers only end at shutdown, so a dead one means the pool is broken."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    while True:
+        try:
+            return fut.result(timeout=2.0)
+        except FutureTimeout:
+            procs = dict(getattr(pool, "_processes", None) or {})  # private, but the only way to see them
+            if any(not p.is_alive() for p in procs.values()):
+                raise BrokenProcessPool("a decode worker died without the pool noticing") from None
+
+
 def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator[tuple]:
     """Decoded studies in task order; at most 4 chunks per worker in flight (bounded memory)."""
     chunks = [tasks[i:i + DECODE_CHUNK] for i in range(0, len(tasks), DECODE_CHUNK)]
@@ -432,7 +447,7 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator
                 inflight.append((chunk, pool.submit(decode_chunk, chunk, size)))
             chunk, fut = inflight.popleft()
             try:
-                decoded = fut.result()
+                decoded = _result(fut, pool)
             except BrokenProcessPool:
                 decoded = None
             if decoded is not None:
@@ -448,14 +463,14 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator
             pool = new_pool()
             for redo in lost:
                 try:
-                    decoded = pool.submit(decode_chunk, redo, size).result()
+                    decoded = _result(pool.submit(decode_chunk, redo, size), pool)
                 except BrokenProcessPool:
                     decoded = []
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = new_pool()
                     for task in redo:
                         try:
-                            decoded += pool.submit(decode_chunk, [task], size).result()
+                            decoded += _result(pool.submit(decode_chunk, [task], size), pool)
                             crashes = 0
                         except BrokenProcessPool:
                             crashes += 1
