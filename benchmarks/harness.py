@@ -235,19 +235,10 @@ def run_main(main: Callable[[], None]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Writes to a unique temporary name beside `path`, then renames it into place."""
-    import tempfile
+    """Writes to a unique temporary name beside `path`, then renames it into place (files.py)."""
+    from clinvla_engine.files import atomic_write_text
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 # ---- pytest-benchmark: the same cases, timed by the `benchmark` fixture --------------------------
