@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.clinvla-installed
 NATIVE := $(shell find csrc -type f 2>/dev/null)
 PYTEST_MARKERS ?= not gpu and not trt and not slow
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo reproduce bench clean
 
 $(STAMP): pyproject.toml setup.py $(NATIVE)
 	@if [ ! -x $(BIN)/python ]; then \
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml setup.py $(NATIVE)
 # libclinvla (make cpp). Installed when apt-get is there and we are root, as on CI; elsewhere the
 # tests that need a missing one skip and say why. policy-rc.d keeps Debian's Orthanc service from
 # starting: the tests start their own Orthanc on loopback.
-SYSTEM_PACKAGES := chromium orthanc orthanc-dev orthanc-gdcm nlohmann-json3-dev libssl-dev
+SYSTEM_PACKAGES := chromium orthanc orthanc-dev orthanc-gdcm nlohmann-json3-dev libssl-dev zlib1g-dev
 SYSTEM_STAMP := $(VENV)/.clinvla-system
 
 $(SYSTEM_STAMP): | $(STAMP)
@@ -53,8 +53,20 @@ test-all: setup
 demo: setup
 	$(BIN)/python -m clinvla_engine.cli demo --out demo_out
 
+# The claims study (not CI): every arm of clinvla_engine.claims_study over 3 seeds at the demo's
+# settings -> benchmarks/quality.md. About 4 minutes per arm and seed on 2 CPU cores.
+reproduce: setup
+	$(BIN)/python -m benchmarks.reproduce --out reproduce_out --seeds 3
+
 bench: setup
 	$(BIN)/python -m benchmarks.bench_train_step
 
+# libclinvla (C++ engine, tokenizer, DICOM, view rules, index; the Orthanc plugin where its SDK is
+# installed): builds build/cpp (libclinvla.so, clinvla_cli) and installs the CMake package into
+# clinvla_engine/cpp (clinvla_engine.cmake_prefix_path()). The commands live in clinvla_engine/cpp.py.
+.PHONY: cpp
+cpp: setup
+	$(BIN)/python -m clinvla_engine.cpp build
+
 clean:
-	rm -rf build *.egg-info demo_out
+	rm -rf build *.egg-info demo_out reproduce_out clinvla_engine/cpp

@@ -14,6 +14,12 @@ Build switches (environment variables):
 * ``CLINVLA_NO_EXTENSION=1`` skip the extension (the package imports without it and
                              ``clinvla_engine.build_info()`` says why).
 * ``CUDA_HOME``              where the CUDA toolkit lives when nvcc is not on the PATH.
+* ``CLINVLA_BUILD_CPP=1``    also build libclinvla (the C/C++ engine library, its CMake package and
+                             the Orthanc plugin; what ``make cpp`` builds) into the package's
+                             ``cpp/`` folder, so that a wheel carries it and
+                             ``clinvla_engine.cmake_prefix_path()`` finds it once installed. Needs
+                             cmake, torch in the build environment (for libtorch: build with
+                             ``pip wheel --no-build-isolation .``), libssl-dev and nlohmann-json3-dev.
 
 CPU kernels are compiled three times (baseline, AVX2+FMA+F16C, AVX-512) and picked at run time
 from what the CPU reports, so a wheel built here also runs on older x86-64 machines.
@@ -31,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 packages = find_packages(include=["clinvla_engine", "clinvla_engine.*"]) + ["clinvla_engine.kernels"]
@@ -198,4 +205,22 @@ def _extension() -> list[Extension]:
     )]
 
 
-setup(packages=packages, ext_modules=_extension(), cmdclass={"build_ext": BuildExt})
+class BuildPy(build_py):
+    """With CLINVLA_BUILD_CPP=1: the package files, then libclinvla installed into the built package."""
+
+    def run(self):
+        super().run()
+        if not _truthy("CLINVLA_BUILD_CPP"):
+            return
+        import importlib.util
+
+        # clinvla_engine/cpp.py is stdlib-only: load it by path (importing the package would need torch)
+        spec = importlib.util.spec_from_file_location("_clinvla_cpp", os.path.join(ROOT, "clinvla_engine", "cpp.py"))
+        cpp = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cpp)
+        prefix = os.path.join(os.path.abspath(self.build_lib), "clinvla_engine", "cpp")
+        _log(f"libclinvla: building into {prefix}")
+        cpp.build(source_dir=ROOT, build_dir=os.path.join(ROOT, "build", "cpp-wheel"), prefix=prefix, jobs=_jobs())
+
+
+setup(packages=packages, ext_modules=_extension(), cmdclass={"build_ext": BuildExt, "build_py": BuildPy})

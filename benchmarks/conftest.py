@@ -33,6 +33,7 @@ QUICK_ARGS = {
     "archive": ("benchmarks.bench_archive", ["--quick", "--part", "pipeline", "--repeat", "2"]),
     "serve": ("benchmarks.bench_serve", ["--quick"]),
     "search": ("benchmarks.bench_search", ["--quick", "--queries", "20"]),
+    "pacs": ("benchmarks.bench_pacs", ["--quick"]),
 }
 
 

@@ -11,4 +11,6 @@ def build_info() -> dict:
     return _build_info()
 
 
-__all__ = ["__version__", "build_info"]
+from .cpp import cmake_prefix_path  # noqa: E402  (libclinvla's CMake package; torch-free)
+
+__all__ = ["__version__", "build_info", "cmake_prefix_path"]

@@ -72,6 +72,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    from .backends import resolve_device
+    from .config import load_config
+    from .train import pretrain
+
+    resolve_device(args.device)
+    cfg = load_config(args.config)
+    if args.batch_size is not None:
+        cfg.train.batch_size = args.batch_size
+    result = pretrain(cfg, args.archive, args.out, max_steps=args.max_steps, resume=args.resume, device=args.device,
+                      progress=not args.quiet, preload=args.preload, max_bad_fraction=args.max_bad_fraction)
+    print(f"pre-trained the image tower for {result.steps} steps in {result.seconds:.1f} s, final MAE loss "
+          f"{result.final_loss:.4f}; checkpoint {result.out_dir / 'model.safetensors'} (start a training run from it "
+          "with vision.init_from in the config)")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .backends import resolve_device
     from .evaluate import evaluate, format_table
@@ -85,6 +102,13 @@ def _cmd_eval(args) -> int:
                        per_class=args.per_class, manifest_in=args.manifest, manifest_out=args.save_manifest,
                        rsna_data=args.rsna_data, device=device, max_bad_fraction=args.max_bad_fraction)
     print(format_table(results, f"ClinVLA evaluation of {args.checkpoint} on {args.data} ({args.split})"))
+    if args.claims:
+        from .eval_claims import evaluate_claims, format_claims_table
+
+        claims = evaluate_claims(model, args.data, args.truth, seed=args.train_seed, split=args.split,
+                                 views=args.views, device=device, max_bad_fraction=args.max_bad_fraction)
+        print(format_claims_table({str(args.checkpoint): claims}, title="claims protocols (strata, laterality, pointing)"))
+        results["claims"] = claims
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2))
         print(f"wrote {args.json}")
@@ -94,7 +118,7 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, studies=args.studies, steps=args.steps, seed=args.seed, quick=args.quick)
+    run_demo(args.out, studies=args.studies, steps=args.steps, seed=args.seed, quick=args.quick, seeds=args.seeds)
     return 0
 
 
@@ -144,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser(
+        "pretrain", help="MAE pre-training of the image tower on an archive's images (both views, reports unused)",
+        description="Masked-autoencoder pre-training of the image encoder (75% of each view's patches hidden, "
+                    "fewer when the patch count is small: the ratio used is printed) with the model's MIM decoder. "
+                    "Writes a run folder like `clinvla train` (checkpoints, --resume, metrics.jsonl); train from it "
+                    "with {\"vision\": {\"init_from\": \"RUN/model.safetensors\", \"frozen\": true}} in the config "
+                    "(frozen backbone + adapters) or \"frozen\": false (full fine-tuning).")
+    p.add_argument("--archive", required=True, help="dataset folder (MIMIC-CXR-JPG layout, DICOM tree, ...)")
+    p.add_argument("--out", required=True, help="output folder for the checkpoint, metrics and config")
+    p.add_argument("--config", default="small", help="preset (tiny, small, base) or JSON file (default small); "
+                                                   "its vision and decoder sections define the tower and the MAE")
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps, >= 1 (overrides train.max_steps)")
+    p.add_argument("--batch-size", type=_positive_int, help="studies per step, >= 1 (overrides train.batch_size)")
+    p.add_argument("--max-bad-fraction", type=_fraction, default=None,
+                   help=f"stop when more than this share of the studies cannot be decoded (default {DEFAULT_MAX_BAD_FRACTION})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--preload", action="store_true", help="decode all images into memory first (small archives)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
     p = sub.add_parser("eval", help="retrieval and zero-shot protocols (5x200, 8x200, instance, rsna)")
     p.add_argument("checkpoint", help="model.safetensors or training output folder")
     p.add_argument("--data", required=True, help="dataset folder")
@@ -155,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-manifest", help="write the drawn sets (study ids, file hashes) here")
     p.add_argument("--rsna-data", help="RSNA Pneumonia folder for the rsna protocol")
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--claims", action="store_true",
+                   help="also the claims protocols of a synthetic archive (strata, laterality-aware retrieval, "
+                        "pointing game; needs its synth_truth.jsonl)")
+    p.add_argument("--truth", help="the archive's synth_truth.jsonl (default: inside --data)")
+    p.add_argument("--views", default="all", choices=("all", "frontal"),
+                   help="claims: score a two-view model from both views or from its frontal view alone")
+    p.add_argument("--train-seed", type=int, default=0, help="claims: the model's training seed (recorded)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--max-bad-fraction", type=_fraction, default=DEFAULT_MAX_BAD_FRACTION,
                    help="stop when more than this share of the evaluated studies have images that cannot be "
@@ -165,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--studies", type=int, default=None, help="synthetic studies (default: the demo's setting)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's setting)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the archive's seed (default 0)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per model (default 1; --quick: 2); intervals cover seeds when >= 2")
     p.add_argument("--quick", action="store_true", help="a tiny run in about a minute (for tests)")
     p.set_defaults(func=_cmd_demo)
 

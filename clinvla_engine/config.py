@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 PRESETS = ("tiny", "small", "base")
+FUSIONS = ("mean", "gate", "attention")
+LOCAL_WORDS = ("all", "content")
 MODEL_TYPE = "clinvla"
 FORMAT_VERSION = 1
 
@@ -39,6 +41,19 @@ class VisionConfig:
     mask_ratio: float = 0.75  # fraction of patch tokens dropped per view in training (MAE-style)
     frozen: bool = True  # freeze the backbone; adapters, norms, CLS/view embeddings still train
     weights: str | None = None  # timm/MAE/MRM ViT checkpoint to start from (None: random init)
+    # a ClinVLA checkpoint (e.g. from `clinvla pretrain`) whose image tower starts this model: every
+    # backbone weight (patch/position/CLS/view embeddings, blocks, final norm) is loaded and must
+    # match this config's vision architecture; the adapters start fresh (identity). With
+    # frozen = true that backbone stays fixed (adapters, norms, CLS/view embeddings and the heads
+    # train); false fine-tunes all of it. Only read when a model is built from a config, never
+    # when a checkpoint is loaded (its weights already hold the result)
+    init_from: str | None = None
+    # how the views' outputs become the study's global feature: "mean" of the present views' CLS
+    # tokens; "gate": a learned softmax gate over the present views' CLS tokens (starts as the
+    # mean); "attention": the mean plus a learned attention pooling over the CLS and patch tokens
+    # of the present views (its output projection starts at zero, so it too starts as the mean).
+    # A missing view is masked out in all three; a checkpoint without this key is "mean"
+    fusion: str = "mean"
     pixel_mean: float = 0.5  # grey-level normalisation, same value for the three channels
     pixel_std: float = 0.25
 
@@ -77,6 +92,11 @@ class DecoderConfig:
     width: int = 128
     depth: int = 1
     heads: int = 4
+    # `clinvla pretrain` (MAE on the archive's images, both views): share of each view's patches
+    # hidden from the encoder; when that would leave fewer than min_visible patches (few tokens, e.g.
+    # 16 at 64 px / 16), min_visible stay visible and the ratio used is printed and logged
+    pretrain_mask_ratio: float = 0.75
+    min_visible: int = 4
 
 
 @dataclass
@@ -93,6 +113,16 @@ class LossConfig:
     # None = the fused Triton kernel on CUDA tensors and the PyTorch reference elsewhere;
     # True/False forces one of them.
     local_fused: bool | None = None
+    # which word positions the local loss aligns: "all" real words (no [CLS], [SEP], padding), or
+    # "content": no stop-words, no punctuation, no words in a negated scope ("no ...", "without
+    # ...", "negative for ...", "... has resolved"), a word's WordPiece pieces all in or all out
+    # (see clinvla_engine.model.content_words); computed once per text when it is tokenized
+    local_words: str = "all"
+    # local-loss weight over training: 0 before local_start_step, then local_weight * (s - start + 1)
+    # / local_ramp_steps for the optimizer step s (0-based) until it reaches local_weight; ramp 0 = full
+    # weight from local_start_step on. Steps of weight 0 skip the local loss (not logged)
+    local_start_step: int = 0
+    local_ramp_steps: int = 0
 
 
 @dataclass
@@ -117,6 +147,14 @@ class TrainConfig:
     # the image side; holds studies x max_length x embed_dim floats. false: recompute them every
     # step without autograd (sentence shuffling stays on)
     locked_text_cache: bool = True
+    # during the locked phase the text projection heads (global and local) train on the locked
+    # tower's outputs from step 1, on the image side's schedule; false keeps them at their init
+    # until the unlock (the recipe before this option). The cache then holds the tower's hidden
+    # states (studies x max_length x text width floats) instead of the heads' outputs
+    locked_text_heads: bool = True
+    # probability that a training study's lateral view is dropped for one step (the study is then
+    # seen frontal-only, as single-view studies are at search time); 0 = never
+    lateral_dropout: float = 0.0
     min_lr: float = 1e-6
     # data-dependent init before step 1: zero-mean outputs of the projection heads on one batch
     # (see ClinVLA.center_projection_heads); not applied when resuming
@@ -189,6 +227,30 @@ class ClinVLAConfig:
             raise ConfigError(f"{where}: vision.num_views must be 1 or 2, got {v.num_views}")
         if not 0.0 <= v.mask_ratio < 1.0:
             raise ConfigError(f"{where}: vision.mask_ratio must be in [0, 1), got {v.mask_ratio}")
+        if v.fusion not in FUSIONS:
+            raise ConfigError(f"{where}: vision.fusion must be one of {', '.join(FUSIONS)}, got {v.fusion!r}")
+        if v.init_from and v.weights:
+            raise ConfigError(
+                f"{where}: vision.init_from and vision.weights both set; the image tower starts from one of "
+                "them: keep init_from (a ClinVLA/pretrain checkpoint) or weights (a timm/MAE ViT file)"
+            )
+        d = self.decoder
+        if not 0.0 < d.pretrain_mask_ratio < 1.0:
+            raise ConfigError(f"{where}: decoder.pretrain_mask_ratio must be in (0, 1), got {d.pretrain_mask_ratio}")
+        if isinstance(d.min_visible, bool) or not isinstance(d.min_visible, int) or d.min_visible < 1:
+            raise ConfigError(f"{where}: decoder.min_visible must be a whole number >= 1, got {d.min_visible!r}")
+        lc = self.loss
+        if lc.local_words not in LOCAL_WORDS:
+            raise ConfigError(f"{where}: loss.local_words must be one of {', '.join(LOCAL_WORDS)}, got {lc.local_words!r}")
+        for name in ("local_start_step", "local_ramp_steps"):
+            value = getattr(lc, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{where}: loss.{name} must be a whole number >= 0, got {value!r}")
+        if not 0.0 <= self.train.lateral_dropout < 1.0:
+            raise ConfigError(
+                f"{where}: train.lateral_dropout must be in [0, 1) (a probability; 1 would never show a lateral), "
+                f"got {self.train.lateral_dropout}"
+            )
         if self.loss.mim_weight > 0 and not self.decoder.enabled:
             raise ConfigError(f"{where}: loss.mim_weight > 0 needs decoder.enabled = true")
         if self.train.locked_text_steps < 0:

@@ -1,13 +1,18 @@
 """``make demo`` / ``clinvla demo``: the whole training path on a synthetic archive, in minutes on a CPU.
 
 1. synthesise a multi-view archive in the MIMIC-CXR-JPG layout (``<out>/archive``);
-2. train the ``small`` ClinVLA (two views, global + local alignment) and, with the same steps, batch
-   and data, a CLIP-style baseline (frontal view only, global loss only);
-3. evaluate both on held-out synthetic 5xN and 8xN sets drawn once (one manifest for both);
+2. train the ``small`` ClinVLA with the recipe of ``claims_study.ARMS["clinvla"]`` (two views,
+   global + local alignment) and, with the same steps, batch and data, a CLIP-style baseline
+   (frontal view only, global loss only), for each training seed (``--seeds``, default 1);
+3. evaluate both on the classic protocols (held-out 5xN, 8xN, instance sets drawn once, one
+   manifest for all) and the claims protocols (strata, laterality-aware retrieval, pointing game),
+   with 95% bootstrap intervals (over seeds and items with >= 2 seeds, over items with one) and the
+   paired difference ClinVLA - CLIP against the paper's margins;
 4. write ``<out>/report.html`` (metrics, loss curves, top-5 studies retrieved for a few text
-   queries) and print the metrics table.
+   queries), ``<out>/results.md``, ``<out>/study.json`` and print the table.
 
-Re-running reuses the archive and any finished training run with the same settings.
+Re-running reuses the archive and any finished training run with the same settings; ``make
+reproduce`` (benchmarks/reproduce.py) reuses them too, with more seeds and the claims' ablations.
 
 Why the ``small`` preset trains the way it does (measured on the 3000-study archive, 2 CPU cores):
 the image encoder starts from scratch (no chest X-ray ViT weights offline), so for its first
@@ -32,8 +37,9 @@ from pathlib import Path
 MARKER = ".clinvla-demo"
 
 # locked: the fraction of the steps trained with the text tower locked (train.locked_text_steps)
-FULL = dict(studies=3000, size=128, steps=700, locked=6 / 7, batch=32, per_class=200, split=(0.6, 0.1, 0.3))
-QUICK = dict(studies=240, size=64, steps=12, locked=0.5, batch=16, per_class=20, split=(0.5, 0.1, 0.4))
+FULL = dict(studies=3000, size=128, steps=500, locked=6 / 7, batch=32, per_class=200, split=(0.6, 0.1, 0.3),
+            seeds=(0,))
+QUICK = dict(studies=240, size=64, steps=12, locked=0.5, batch=16, per_class=20, split=(0.5, 0.1, 0.4), seeds=(0, 1))
 
 QUERIES = ("small right pleural effusion", "moderate cardiomegaly", "left lower lobe consolidation",
            "no acute cardiopulmonary process")
@@ -64,50 +70,30 @@ def _synthesise(archive: Path, settings: dict, seed: int) -> None:
                      split_fractions=settings["split"])
 
 
-def _config(name: str, settings: dict, seed: int, quick: bool) -> dict:
+def base_config(settings: dict, quick: bool) -> dict:
+    """The training settings every arm shares (claims_study.ARMS adds each arm's own)."""
     steps = settings["steps"]
     cfg = {"preset": "tiny" if quick else "small",
            "train": {"max_steps": steps, "locked_text_steps": int(round(steps * settings["locked"])),
-                     "batch_size": settings["batch"], "seed": seed, "eval_every": 0,
+                     "batch_size": settings["batch"], "seed": 0, "eval_every": 0,
                      "save_every": steps, "num_workers": 0, "log_every": 2 if quick else 5}}
     if quick:
         cfg["train"]["warmup_steps"] = max(2, steps // 10)
         cfg["vision"] = {"image_size": settings["size"]}
-    if name == "clip":
-        cfg["vision"] = {**cfg.get("vision", {}), "num_views": 1}
-        cfg["loss"] = {"local_weight": 0.0, "mim_weight": 0.0}
-        cfg["decoder"] = {"enabled": False}
+    else:  # the synthetic reports: 99% fit in 84 tokens, all but 0.1% in 96 (64 cut 11%)
+        cfg["text"] = {"max_length": 96}
     return cfg
 
 
-def _train(name: str, cfg: dict, studies, out: Path):
-    from .model import load_checkpoint
-    from .files import atomic_write_text
-    from .train import train
-
-    run = out / name
-    done = run / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("config") == cfg:
-        print(f"[demo] reusing the finished run {run}")
-        info = json.loads(done.read_text())
-    else:
-        if run.exists():
-            shutil.rmtree(run)  # an unfinished or differently configured run of the demo's own
-        print(f"[demo] training {name} for {cfg['train']['max_steps']} steps")
-        result = train(cfg, studies, run, preload=True)
-        info = {"config": cfg, "seconds": result.seconds, "samples_per_s": result.samples_per_s,
-                "steps": result.steps}
-        atomic_write_text(done, json.dumps(info))  # a killed demo never leaves a "done" marker half-written
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return load_checkpoint(run).eval(), info, history
-
-
 def run_demo(out: str | Path = "demo_out", studies: int | None = None, steps: int | None = None,
-             seed: int = 0, quick: bool = False) -> dict:
+             seed: int = 0, quick: bool = False, seeds: int | None = None) -> dict:
+    """seeds: how many training seeds per model (default: 1 for the full demo, 2 for --quick); the
+    archive and the evaluation sets do not depend on them."""
     import torch
 
+    from .claims_study import COMPARISONS, run_study, table, verdict
     from .data import open_dataset
-    from .evaluate import evaluate, format_table
+    from .evaluate import format_table
 
     t0 = time.perf_counter()
     settings = dict(QUICK if quick else FULL)
@@ -115,6 +101,8 @@ def run_demo(out: str | Path = "demo_out", studies: int | None = None, steps: in
         settings["studies"] = studies
     if steps:
         settings["steps"] = steps
+    if seeds:
+        settings["seeds"] = tuple(range(seeds))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out)
     _prepare_out(out)
@@ -122,66 +110,33 @@ def run_demo(out: str | Path = "demo_out", studies: int | None = None, steps: in
     _synthesise(archive, settings, seed)
     dataset = list(open_dataset(archive))
 
-    runs = {}
-    for name, label in (("clinvla", "ClinVLA (2 views, global + local)"), ("clip", "CLIP baseline (frontal, global)")):
-        cfg = _config(name, settings, seed, quick)
-        model, info, history = _train(name, cfg, dataset, out)
-        runs[name] = {"label": label, "model": model, "info": info, "history": history}
-
-    manifest = out / "eval_manifest.json"
-    if manifest.exists():
-        manifest.unlink()  # drawn afresh for this archive, then shared by both models
-    results = {}
-    for name, run in runs.items():
-        print(f"[demo] evaluating {name}")
-        results[name] = evaluate(run["model"], dataset, protocols=("5x200", "8x200", "instance"), split="test",
-                                 seed=seed, per_class=settings["per_class"],
-                                 manifest_in=manifest if manifest.exists() else None,
-                                 manifest_out=None if manifest.exists() else manifest)
-    table = metrics_table(runs, results)
+    base = base_config(settings, quick)
+    study = run_study(out, dataset, archive, base, arms=("clinvla", "clip"), seeds=settings["seeds"],
+                      per_class=settings["per_class"])
+    runs = {a: {"label": study["study"]["arms"][a]["label"], "model": study["models"][a][0],
+                "info": study["infos"][a][0], "history": study["histories"][a][0]} for a in ("clinvla", "clip")}
+    comparisons = {(a, b): c for (a, b), c in study["comparisons"].items()}
+    md = table(study["summaries"], comparisons)
+    lines = verdict(comparisons[("clinvla", "clip")])
     retrievals = _retrievals(runs["clinvla"]["model"], dataset)
-    html = _report_html(settings, runs, results, table, retrievals, out, time.perf_counter() - t0)
+    html = _report_html(settings, runs, md, lines, retrievals, out, time.perf_counter() - t0)
     from .files import atomic_write_text
 
     atomic_write_text(out / "report.html", html)
-    atomic_write_text(out / "results.json", json.dumps(
-        {name: {"results": results[name], "train": runs[name]["info"]} for name in runs}, indent=2, default=str))
+    atomic_write_text(out / "results.md", md + "\n\n" + "\n".join(lines) + "\n")
     print()
-    print(table)
+    print(md)
+    print()
+    for line in lines:
+        print("[demo] " + line)
+    n = len(settings["seeds"])
+    print(f"[demo] {n} training seed(s) per model; intervals are 95% bootstrap intervals over "
+          + ("training seeds and evaluation items" if n > 1 else "the evaluation items (one seed: no seed variance)"))
     print(f"\n[demo] report: {out / 'report.html'} ({time.perf_counter() - t0:.0f} s in all)")
     for name in runs:
-        print(format_table({k: v for k, v in results[name].items() if isinstance(v, dict)}, f"[{name}]"))
-    return results
-
-
-ROWS = (
-    ("5x200", "i2t_P@5", "5xN image->text P@5"),
-    ("5x200", "i2t_P@10", "5xN image->text P@10"),
-    ("5x200", "i2t_P@100", "5xN image->text P@100"),
-    ("5x200", "zeroshot_accuracy", "5xN zero-shot accuracy"),
-    ("5x200", "zeroshot_macro_f1", "5xN zero-shot macro-F1"),
-    ("8x200", "t2i_P@5", "8xN text->image P@5"),
-    ("8x200", "t2i_P@10", "8xN text->image P@10"),
-    ("8x200", "t2i_P@50", "8xN text->image P@50"),
-    ("8x200", "i2i_P@5", "8xN image->image P@5"),
-    ("8x200", "i2i_P@10", "8xN image->image P@10"),
-    ("instance", "i2t_R@1", "instance image->report R@1"),
-    ("instance", "i2t_R@10", "instance image->report R@10"),
-)
-
-
-def metrics_table(runs: dict, results: dict) -> str:
-    names = list(runs)
-    head = "| metric | " + " | ".join(runs[n]["label"] for n in names) + " |"
-    lines = [head, "|---|" + "---:|" * len(names)]
-    for proto, key, label in ROWS:
-        vals = [results[n].get(proto, {}).get(key) for n in names]
-        lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
-    n5 = results[names[0]].get("5x200", {}).get("n")
-    n8 = results[names[0]].get("8x200", {}).get("n")
-    lines.append(f"| set sizes (5xN, 8xN studies) | " + " | ".join(f"{n5}, {n8}" for _ in names) + " |")
-    lines.append("| training time (s) | " + " | ".join(f"{runs[n]['info']['seconds']:.0f}" for n in names) + " |")
-    return "\n".join(lines)
+        classic = study["runs"][name][0]["classic"]
+        print(format_table(classic, f"[{name}, seed {settings['seeds'][0]}]"))
+    return {"summaries": study["summaries"], "comparisons": study["study"]["comparisons"], "verdict": lines}
 
 
 def _retrievals(model, dataset) -> list[dict]:
@@ -235,7 +190,7 @@ def _loss_plot(runs: dict) -> str:
     return buf.getvalue()
 
 
-def _report_html(settings, runs, results, table, retrievals, out: Path, seconds: float) -> str:
+def _report_html(settings, runs, table, verdict_lines, retrievals, out: Path, seconds: float) -> str:
     import html
 
     png = _loss_plot(runs)
@@ -273,7 +228,13 @@ training steps of batch {settings['batch']} for each model, evaluated on the hel
 tower (its outputs computed once per report), then its adapters, norms and heads join. The global loss steps
 up at the unlock: from there the text encoder runs with its dropout on.
 The archive is a test bed for mechanisms, not clinical data. Total time {seconds:.0f} s.</p>
-<h2>Metrics</h2><table>{''.join(rows)}</table>
+<h2>Metrics</h2>
+<p>{len(settings['seeds'])} training seed(s) per model. Cells: mean [95% bootstrap interval over
+{'training seeds and ' if len(settings['seeds']) > 1 else ''}evaluation items]; the last column is the
+difference ClinVLA - CLIP with its paired interval. Classic protocols (5x200, 8x200, instance) and the
+claims protocols (strata, laterality-aware retrieval, pointing game): see the README.</p>
+<table>{''.join(rows)}</table>
+<ul>{''.join(f"<li>{html.escape(v)}</li>" for v in verdict_lines)}</ul>
 <h2>Training losses</h2><img src="loss_curves.png" alt="loss curves" width="900">
 <h2>Top-5 test studies for text queries (ClinVLA, frontal views shown)</h2>
 {''.join(blocks)}

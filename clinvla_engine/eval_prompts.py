@@ -73,3 +73,69 @@ PROMPTS: dict[str, list[str]] = {
     "Fracture": ["rib fracture", "displaced rib fracture", "nondisplaced rib fracture",
                  "fracture of the rib", "acute rib fracture"],
 }
+
+# ---- laterality-aware retrieval and the pointing game (clinvla_engine.eval_claims) -------------
+SIDES = ("left", "right")
+
+# Side-bearing query templates per lateralised class ("{side}" = left | right): the text queries of
+# laterality-aware retrieval, whose hit needs the class AND the side. They name no zone or lobe:
+# the hit rule does not check the zone, so a zone word in the query would only add noise.
+LATERALITY_QUERIES: dict[str, list[str]] = {
+    "Atelectasis": ["{side} basilar atelectasis", "plate-like atelectasis in the {side} lung",
+                    "atelectasis of the {side} lung"],
+    "Consolidation": ["{side} lung consolidation", "focal consolidation in the {side} lung",
+                      "airspace consolidation of the {side} lung"],
+    "Pleural Effusion": ["{side} pleural effusion", "blunting of the {side} costophrenic angle",
+                         "{side} pleural effusion with a meniscus"],
+    "Pneumonia": ["{side} lung pneumonia", "patchy opacity in the {side} lung consistent with pneumonia",
+                  "pneumonia in the {side} lung"],
+    "Pneumothorax": ["{side} pneumothorax", "{side} apical pneumothorax", "{side} pneumothorax with a visible pleural line"],
+    "Fracture": ["{side} rib fracture", "fracture of a {side} rib", "{side} posterior rib fracture"],
+}
+
+# The word whose attention the pointing game scores, per class: the class's own word as reports
+# and queries write it (a multi-piece word is scored by the mean attention of its pieces).
+FINDING_WORDS: dict[str, str] = {
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "consolidation",
+    "Edema": "edema",
+    "Pleural Effusion": "effusion",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Fracture": "fracture",
+}
+
+# The phrase the pointing game grounds when a finding has no left/right side (or a class has no
+# side template); phrase grounding as MS-CXR-style benchmarks do it. Each holds FINDING_WORDS[class].
+FINDING_PHRASES: dict[str, str] = {
+    "Atelectasis": "bibasilar atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "bilateral consolidation",
+    "Edema": "pulmonary edema",
+    "Pleural Effusion": "bilateral pleural effusion",
+    "Pneumonia": "bilateral pneumonia",
+    "Pneumothorax": "bilateral pneumothorax",
+    "Fracture": "bilateral rib fracture",
+}
+
+
+def laterality_queries(label: str, side: str) -> list[str]:
+    """The query texts for (class, side); KeyError naming the classes that have templates."""
+    if label not in LATERALITY_QUERIES:
+        raise KeyError(f"no laterality query templates for class {label!r}; classes with templates: "
+                       f"{', '.join(LATERALITY_QUERIES)} (add templates in clinvla_engine/eval_prompts.py)")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return [t.format(side=side) for t in LATERALITY_QUERIES[label]]
+
+
+def finding_phrase(label: str, side: str | None) -> str:
+    """The phrase the pointing game grounds for one drawn finding: the first side template with
+    its side ("right pleural effusion"), else the class's side-less phrase."""
+    if side in SIDES and label in LATERALITY_QUERIES:
+        return laterality_queries(label, side)[0]
+    if label not in FINDING_PHRASES:
+        raise KeyError(f"no pointing-game phrase for class {label!r}; classes with one: {', '.join(FINDING_PHRASES)} "
+                       "(add it in clinvla_engine/eval_prompts.py)")
+    return FINDING_PHRASES[label]

@@ -21,6 +21,11 @@ A study whose image cannot be decoded is left out of its set, logged, and listed
 (``skipped_studies``); evaluation stops only when more than ``max_bad_fraction`` of the studies
 are bad. NaN or infinite embeddings are an EvaluationError naming the checkpoint, and ties in
 every ranking count against the right answer (see precision_at_k, recall_at_k).
+
+These protocols check the class only, on all studies alike. The protocols that can see ClinVLA's
+claims on a synthetic archive (a lateral-needed stratum, laterality-aware retrieval, a pointing game
+for the local alignment) and the confidence intervals over the evaluation set and across training
+seeds are in clinvla_engine.eval_claims and clinvla_engine.stats.
 """
 from __future__ import annotations
 
@@ -160,9 +165,10 @@ def _check_scores(sim: torch.Tensor) -> None:
         )
 
 
-def precision_at_k(sim: torch.Tensor, query_labels: torch.Tensor, item_labels: torch.Tensor,
-                   ks: Sequence[int], exclude_self: bool = False) -> dict[str, float]:
-    """Mean fraction of the top-k items whose class equals the query's class.
+def precision_at_k_per_query(sim: torch.Tensor, query_labels: torch.Tensor, item_labels: torch.Tensor,
+                             ks: Sequence[int], exclude_self: bool = False) -> dict[str, torch.Tensor]:
+    """Per query (Q,) float: the fraction of its top-k items whose class equals the query's class
+    (what precision_at_k averages; the per-item values a bootstrap over the queries resamples).
 
     sim: (Q, N) scores. Among items of equal score, those of another class are ranked first
     (pessimistic), so the result never depends on the order of the items."""
@@ -176,7 +182,15 @@ def precision_at_k(sim: torch.Tensor, query_labels: torch.Tensor, item_labels: t
     by_hit = torch.sort(hit_all.to(torch.int8), dim=1, stable=True).indices
     by_score = torch.sort(sim.gather(1, by_hit), dim=1, descending=True, stable=True).indices
     hits = hit_all.gather(1, by_hit.gather(1, by_score))[:, :kmax].float()
-    return {f"P@{k}": hits[:, :min(k, kmax)].mean().item() for k in ks}
+    return {f"P@{k}": hits[:, :min(k, kmax)].mean(dim=1) for k in ks}
+
+
+def precision_at_k(sim: torch.Tensor, query_labels: torch.Tensor, item_labels: torch.Tensor,
+                   ks: Sequence[int], exclude_self: bool = False) -> dict[str, float]:
+    """Mean fraction of the top-k items whose class equals the query's class (the mean over the
+    queries of precision_at_k_per_query; ties pessimistic, see there)."""
+    per = precision_at_k_per_query(sim, query_labels, item_labels, ks, exclude_self)
+    return {k: v.mean().item() for k, v in per.items()}
 
 
 def recall_at_k(sim: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
@@ -312,38 +326,65 @@ def _embed_pairs(model, pairs, device, bad: BadStudyLog):
     return emb, [pairs[i] for i in kept]
 
 
-def protocol_5x200(model, pairs, device, bad: BadStudyLog | None = None) -> dict:
+def _keep(items: dict | None, prefix: str, ids: Sequence[str], per: dict[str, torch.Tensor]) -> None:
+    """Stores per-item values (what a bootstrap resamples) as items[f"{prefix}/{metric}"]."""
+    if items is not None:
+        for k, v in per.items():
+            items[f"{prefix}/{k}"] = {"ids": list(ids), "values": [float(x) for x in v.tolist()]}
+
+
+def _instance_hits(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """Per query: 1.0 when its own item (the diagonal) is within the top k, ties against it."""
+    target = sim.diagonal()[:, None]
+    rank = (sim >= target).sum(dim=1) - 1
+    return (rank < k).float()
+
+
+def protocol_5x200(model, pairs, device, bad: BadStudyLog | None = None, items: dict | None = None) -> dict:
+    """items: None, or a dict that receives the per-study values of every metric
+    ("5x200/i2t_P@5", "instance/i2t_R@1", ...: {"ids", "values"}) for confidence intervals."""
     bad = bad if bad is not None else BadStudyLog(where="the 5x200 set")
     img, pairs = _embed_pairs(model, pairs, device, bad)
     labels = _labels(pairs, CLASSES_5X200)
     studies = [s for s, _ in pairs]
+    ids = [s.study_id for s in studies]
     txt = embed_texts(model, [report_text(s.report) for s in studies], device)
     sim = img @ txt.t()
-    res = {f"i2t_{k}": v for k, v in precision_at_k(sim, labels, labels, (5, 10, 100)).items()}
+    per = precision_at_k_per_query(sim, labels, labels, (5, 10, 100))
+    res = {f"i2t_{k}": v.mean().item() for k, v in per.items()}
+    _keep(items, "5x200", ids, {f"i2t_{k}": v for k, v in per.items()})
     res.update({f"instance_i2t_{k}": v for k, v in recall_at_k(sim, (1, 5, 10)).items()})
     res.update({f"instance_t2i_{k}": v for k, v in recall_at_k(sim.t(), (1, 5, 10)).items()})
+    _keep(items, "instance", ids, {f"i2t_R@{k}": _instance_hits(sim, k) for k in (1, 5, 10)})
+    _keep(items, "instance", ids, {f"t2i_R@{k}": _instance_hits(sim.t(), k) for k in (1, 5, 10)})
     class_emb = _class_prompt_embeddings(model, CLASSES_5X200, device)
     pred = pessimistic_argmax(img @ class_emb.t(), labels)
     res["zeroshot_accuracy"] = (pred == labels).float().mean().item()
+    _keep(items, "5x200", ids, {"zeroshot_accuracy": (pred == labels).float()})
     res["zeroshot_macro_f1"] = sum(f1_score(pred, labels, c) for c in range(len(CLASSES_5X200))) / len(CLASSES_5X200)
     res["n"] = len(pairs)
     return res
 
 
-def protocol_8x200(model, pairs, query_pairs, device, bad: BadStudyLog | None = None) -> dict:
+def protocol_8x200(model, pairs, query_pairs, device, bad: BadStudyLog | None = None, items: dict | None = None) -> dict:
+    """items: as protocol_5x200 (per text query and per query study)."""
     bad = bad if bad is not None else BadStudyLog(where="the 8x200 set")
     img, pairs = _embed_pairs(model, pairs, device, bad)
     labels = _labels(pairs, CLASSES_8X200)
-    texts, text_labels = [], []
+    texts, text_labels, text_ids = [], [], []
     for i, c in enumerate(CLASSES_8X200):
         texts += QUERY_TEXTS[c][:10]
         text_labels += [i] * len(QUERY_TEXTS[c][:10])
+        text_ids += [f"{c}: {t}" for t in QUERY_TEXTS[c][:10]]
     txt = embed_texts(model, texts, device)
-    res = {f"t2i_{k}": v for k, v in precision_at_k(txt @ img.t(), torch.tensor(text_labels), labels, (5, 10, 50)).items()}
+    per = precision_at_k_per_query(txt @ img.t(), torch.tensor(text_labels), labels, (5, 10, 50))
+    res = {f"t2i_{k}": v.mean().item() for k, v in per.items()}
+    _keep(items, "8x200", text_ids, {f"t2i_{k}": v for k, v in per.items()})
     if query_pairs:
         q, query_pairs = _embed_pairs(model, query_pairs, device, bad)
-        res.update({f"i2i_{k}": v for k, v in
-                    precision_at_k(q @ img.t(), _labels(query_pairs, CLASSES_8X200), labels, (5, 10, 50)).items()})
+        per = precision_at_k_per_query(q @ img.t(), _labels(query_pairs, CLASSES_8X200), labels, (5, 10, 50))
+        res.update({f"i2i_{k}": v.mean().item() for k, v in per.items()})
+        _keep(items, "8x200", [s.study_id for s, _ in query_pairs], {f"i2i_{k}": v for k, v in per.items()})
     res["n"] = len(pairs)
     res["n_queries_text"] = len(texts)
     res["n_queries_image"] = len(query_pairs)
@@ -391,9 +432,12 @@ def evaluate(
     rsna_data: "str | Path | Sequence[Study] | None" = None,
     device=None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    keep_items: bool = False,
 ) -> dict:
     """Runs the protocols; returns {"protocol": {metric: value}, "manifest": path or None,
-    "skipped_studies": [{"study_id", "path", "reason"}, ...] (the studies that could not be decoded)}."""
+    "skipped_studies": [{"study_id", "path", "reason"}, ...] (the studies that could not be decoded)}.
+    keep_items=True adds "items": {"protocol/metric": {"ids", "values"}}, the per-query values of
+    the 5x200, instance and 8x200 metrics, for bootstrap intervals (clinvla_engine.stats)."""
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
@@ -409,6 +453,7 @@ def evaluate(
         if manifest.get("version") != MANIFEST_VERSION:
             raise DatasetError(f"manifest {manifest_in}: version {manifest.get('version')} is not {MANIFEST_VERSION}")
     results: dict = {}
+    items: dict | None = {} if keep_items else None
     where = str(manifest_in or "manifest")
     bad = BadStudyLog(max_bad_fraction, where=f"the evaluation sets of {data if isinstance(data, (str, Path)) else 'the dataset'}")
 
@@ -421,7 +466,7 @@ def evaluate(
 
     if "5x200" in protocols or "instance" in protocols:
         sets = get_set("5x200", lambda: {"candidates": draw_class_set(pool, CLASSES_5X200, per_class, seed)[0]})
-        r = protocol_5x200(model, sets["candidates"], device, bad)
+        r = protocol_5x200(model, sets["candidates"], device, bad, items)
         if "5x200" in protocols:
             results["5x200"] = {k: v for k, v in r.items() if not k.startswith("instance")}
         if "instance" in protocols:
@@ -433,7 +478,7 @@ def evaluate(
             return {"candidates": cand, "queries": q}
 
         sets = get_set("8x200", draw8)
-        results["8x200"] = protocol_8x200(model, sets["candidates"], sets.get("queries", []), device, bad)
+        results["8x200"] = protocol_8x200(model, sets["candidates"], sets.get("queries", []), device, bad, items)
     if "rsna" in protocols:
         rsna_studies = _load(rsna_data) if rsna_data is not None else pool
         rsna_by_id = {s.study_id: s for s in rsna_studies}
@@ -449,6 +494,9 @@ def evaluate(
         atomic_write_text(path, json.dumps(manifest, indent=1))
         results["manifest"] = str(path)
     results["skipped_studies"] = bad.entries()
+    if items is not None:
+        wanted = {"5x200", "instance", "8x200"} & set(protocols)
+        results["items"] = {k: v for k, v in items.items() if k.split("/")[0] in wanted}
     return results
 
 
@@ -486,7 +534,7 @@ def format_table(results: dict, title: str = "") -> str:
     """A readable table: one line per protocol metric, then the skipped studies."""
     lines = [title] if title else []
     for proto, metrics in results.items():
-        if not isinstance(metrics, dict):
+        if not isinstance(metrics, dict) or proto == "items":
             continue
         items = [f"{k} {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"{k} {v}"
                  for k, v in metrics.items()]

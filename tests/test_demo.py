@@ -10,17 +10,24 @@ from clinvla_engine.demo import run_demo
 def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     results = run_demo(out, quick=True)
-    assert set(results) == {"clinvla", "clip"}
-    for name in results:
-        for proto in ("5x200", "8x200", "instance"):
-            assert proto in results[name]
+    assert set(results["summaries"]) == {"clinvla", "clip"}
+    for name, summary in results["summaries"].items():
+        for metric in ("5x200/i2t_P@10", "8x200/t2i_P@10", "instance/i2t_R@10", "strata/all/i2t_P@10",
+                       "pointing/frontal/hit_rate"):
+            m = summary[metric]
+            assert m["n_seeds"] == 2 and len(m["per_seed"]) == 2
+            assert m["ci"][0] <= m["mean"] <= m["ci"][1]
+    diff = results["comparisons"]["clinvla - clip"]["8x200/t2i_P@10"]
+    assert diff["diff"] == pytest.approx(diff["mean_a"] - diff["mean_b"])
+    assert len(results["verdict"]) == 2 and all(("met" in v) for v in results["verdict"])
     html = (out / "report.html").read_text()
     assert "<table>" in html and html.count("data:image/png;base64,") == 4 * 5
     assert (out / "loss_curves.png").stat().st_size > 1000
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["clinvla"]["train"]["steps"] == 12
+    study = json.loads((out / "study.json").read_text())
+    assert study["seeds"] == [0, 1] and len(study["arms"]["clinvla"]["train_seconds"]) == 2
+    assert {p.name for p in (out / "eval").iterdir()} == {f"{a}-seed{s}.json" for a in ("clinvla", "clip") for s in (0, 1)}
     printed = capsys.readouterr().out
-    assert "| metric |" in printed and "ClinVLA (2 views" in printed
+    assert "| metric |" in printed and "ClinVLA (2 views" in printed and "2 training seed(s)" in printed
     # a second run reuses the archive and both finished runs
     run_demo(out, quick=True)
     assert "reusing the finished run" in capsys.readouterr().out

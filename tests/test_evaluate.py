@@ -167,3 +167,19 @@ def test_bad_protocol_and_empty_split(archive, model):
         evaluate(model, archive / "mimic", protocols=("7x300",))
     with pytest.raises(DatasetError, match="no studies in split 'holdout'"):
         evaluate(model, archive / "mimic", split="holdout")
+
+
+def test_per_item_values_average_to_the_reported_metrics(archive, model):
+    """keep_items gives, for every 5x200 / instance / 8x200 metric, the per-query values whose mean
+    is the reported number (what the demo's bootstrap intervals resample)."""
+    with pytest.warns(UserWarning, match="smaller than asked"):
+        res = evaluate(model, archive / "mimic", protocols=("5x200", "8x200", "instance"), split="test",
+                       per_class=6, seed=2, keep_items=True)
+    items = res["items"]
+    assert {"5x200/i2t_P@5", "5x200/zeroshot_accuracy", "instance/i2t_R@1", "instance/t2i_R@10",
+            "8x200/t2i_P@10", "8x200/i2i_P@5"} <= set(items)
+    for name, it in items.items():
+        proto, metric = name.split("/")
+        assert len(it["ids"]) == len(it["values"]) > 0
+        assert sum(it["values"]) / len(it["values"]) == pytest.approx(res[proto][metric], abs=1e-6), name
+    assert "items" not in evaluate.__globals__["format_table"](res)

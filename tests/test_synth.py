@@ -31,7 +31,8 @@ CHEXPERT = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomedias
 RSNA_LABELS = ["patientId", "x", "y", "width", "height", "Target"]
 RSNA_CLASSES = ["patientId", "class"]
 TRUTH_KEYS = {"study_id", "subject_id", "split", "has_lateral", "findings"}
-FINDING_KEYS = {"label", "side", "zone", "severity", "visible_frontal", "visible_lateral", "bbox_frontal"}
+FINDING_KEYS = {"label", "side", "zone", "site", "severity", "visible_frontal", "visible_lateral", "lateral_needed",
+                "frontal_favoured", "bbox_frontal", "bbox_lateral"}
 NEGATION = re.compile(r"\b(no|not|without|normal)\b", re.IGNORECASE)
 
 
@@ -280,6 +281,8 @@ def test_a_small_effusion_shows_on_the_lateral_not_the_frontal():
         assert row > 0.6 * 96 and col > 0.5 * 96, "the fluid lies in the posterior (right) costophrenic sulcus"
         f = wet.findings[0]
         assert (f.visible_frontal, f.visible_lateral, f.bbox_frontal) == (False, True, None)
+        x, y, w, h = f.bbox_lateral
+        assert x <= col < x + w and y <= row < y + h, "the lateral box holds the fluid"
 
 
 def test_views_differ_and_the_same_rng_renders_the_same_study():
@@ -410,3 +413,170 @@ def test_sample_findings_draws_what_is_asked():
     assert all(x.severity != "small" for x in without_lateral)
     with pytest.raises(ValueError, match="Pneumonitis"):
         synth.sample_findings(rng, ["Pneumonitis"])
+
+
+# ---- findings a reader needs the lateral for; frontal-favoured ones ----------------------------------
+@pytest.mark.parametrize("size", [128, 64])
+@pytest.mark.parametrize("label, side, severity, site", [
+    ("Pleural Effusion", "left", "small", "posterior sulcus"),
+    ("Consolidation", "left", "moderate", "retrocardiac"),
+    ("Atelectasis", "left", "mild", "retrocardiac"),
+    ("Consolidation", "right", "small", "posterior basal"),
+    ("Atelectasis", "right", "moderate", "posterior basal"),
+    ("Consolidation", "right", "moderate", "retrosternal"),
+])
+def test_lateral_sites_show_on_the_lateral_only(size, label, side, severity, site):
+    # measured with noise off: the lateral change is large and the frontal one below the visibility
+    # threshold, for several patients; the lateral box holds the largest change
+    for seed in (21, 22, 23):
+        anatomy = synth.sample_anatomy(np.random.default_rng(seed))
+        f = synth.Finding(label, side, "lower", severity, detail=seed, site=site)
+        dry = synth.render_study(anatomy, [], size=size, rng=seed, noise=False)
+        wet = synth.render_study(anatomy, [f], size=size, rng=seed, noise=False)
+        frontal, lateral = np.abs(wet.frontal - dry.frontal), np.abs(wet.lateral - dry.lateral)
+        assert lateral.max() > 1.5 * frontal.max() and lateral.max() > 0.1, (seed, lateral.max(), frontal.max())
+        assert frontal.max() < synth.VISIBILITY["default"][0], (seed, frontal.max())
+        got = wet.findings[0]
+        assert got.lateral_needed and got.bbox_frontal is None, got
+        row, col = np.unravel_index(np.argmax(lateral), lateral.shape)
+        x, y, w, h = got.bbox_lateral
+        assert x <= col < x + w and y <= row < y + h
+        assert got.truth()["lateral_needed"] is True and got.truth()["bbox_lateral"] == list(got.bbox_lateral)
+
+
+def test_the_same_opacity_elsewhere_is_not_lateral_needed():
+    anatomy = synth.sample_anatomy(np.random.default_rng(5))
+    f = synth.Finding("Consolidation", "right", "lower", "moderate", detail=5)
+    got = synth.render_study(anatomy, [f], size=128, rng=5, noise=False).findings[0]
+    assert got.visible_frontal and not got.lateral_needed and got.bbox_frontal is not None
+
+
+def test_fracture_and_small_pneumothorax_are_frontal_favoured():
+    anatomy = synth.sample_anatomy(np.random.default_rng(8))
+    found = synth.render_study(anatomy, [synth.Finding("Pneumothorax", "right", "upper", "small", detail=8, site="apical"),
+                                         synth.Finding("Fracture", "left", "middle", "severe", rib=7, detail=8,
+                                                       site="posterior")], size=128, rng=8).findings
+    assert [f.frontal_favoured for f in found] == [True, True]
+    assert all(f.bbox_lateral is None and f.bbox_frontal is not None for f in found)
+
+
+def test_lateral_needed_share_and_no_sites_without_a_lateral():
+    plan = synth.planning.plan_studies(3000, seed=3, fmt="mimic", lateral_fraction=0.85, fractions=(0.8, 0.1, 0.1))
+    with_site = positive = 0
+    for p in plan:
+        found = synth.sample_findings(np.random.default_rng([3, 2, p.index]), list(p.labels), lateral=p.has_lateral)
+        sited = any(f.site in synth.records.LATERAL_SITES for f in found)
+        if not p.has_lateral:
+            assert not sited and all(f.severity != "small" or f.label != "Pleural Effusion" for f in found)
+        elif found:
+            positive += 1
+            with_site += sited
+    assert 0.25 <= with_site / positive <= 0.38, with_site / positive
+
+
+def test_probe_mix_and_forced_sites():
+    plan = synth.planning.plan_studies(200, seed=4, fmt="mimic", lateral_fraction=1.0, fractions=(0.8, 0.1, 0.1),
+                                       mix="probe")
+    labels = [p.labels for p in plan]
+    assert sum(not lb for lb in labels) == 60 and all(len(lb) <= 1 for lb in labels) and all(p.lateral_site for p in plan)
+    assert sum(lb[:1] in (("Consolidation",), ("Atelectasis",), ("Pleural Effusion",)) for lb in labels) == 80
+    assert sum(lb[:1] in (("Fracture",), ("Pneumothorax",)) for lb in labels) == 40
+    default = synth.planning.plan_studies(200, seed=4, fmt="mimic", lateral_fraction=1.0, fractions=(0.8, 0.1, 0.1))
+    assert [p.split for p in default] == [p.split for p in plan] and not any(p.lateral_site for p in default)
+    for k in range(30):
+        asked = ["Consolidation", "Atelectasis", "Pleural Effusion", "Fracture"]
+        free = synth.sample_findings(np.random.default_rng([k]), asked)
+        forced = synth.sample_findings(np.random.default_rng([k]), asked, lateral_site=True)
+        assert all(f.site in synth.records.LATERAL_SITES for f in forced[:3] if f.label != "Fracture"), forced
+        assert [f.label for f in free] == [f.label for f in forced]
+        assert all(f.severity == "small" for f in forced if f.label == "Pleural Effusion")
+        assert not any(f.site in synth.records.LATERAL_SITES
+                       for f in synth.sample_findings(np.random.default_rng([k]), asked, lateral=False, lateral_site=True))
+    with pytest.raises(ValueError, match="mix='odd'"):
+        synth.generate_archive("/nonexistent/x", 2, seed=0, size=32, mix="odd", progress=False)
+
+
+def test_archive_truth_records_lateral_needed_and_boxes(mimic):
+    root, _ = mimic
+    manifest = json.loads((root / "synth_manifest.json").read_text())
+    assert manifest["version"] == synth.SYNTH_VERSION == "2.1"
+    for r in truth(root):
+        for f in r["findings"]:
+            sited = f["site"] in synth.records.LATERAL_SITES
+            assert f["lateral_needed"] == (sited and f["visible_lateral"] and not f["visible_frontal"]), f
+            assert (f["bbox_lateral"] is not None) == f["visible_lateral"], f
+            assert (f["bbox_frontal"] is not None) == f["visible_frontal"], f
+            for box in (f["bbox_frontal"], f["bbox_lateral"]):
+                if box:
+                    x, y, w, h = box
+                    assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 and y + h <= 64
+            if not r["has_lateral"]:
+                assert not sited and not f["lateral_needed"] and f["bbox_lateral"] is None
+
+
+# ---- report words follow the truth; negation and length ----------------------------------------
+SIZE_WORDS = {"small": ("small", "trace", "tiny"), "moderate": ("moderate", "moderately"),
+              "large": ("large", "sizable"), "mild": ("mild", "mildly"), "severe": ("severe", "severely")}
+SITE_WORDS = {"retrocardiac": "retrocardiac", "posterior basal": "posterior basal", "retrosternal": "retrosternal",
+              "posterior sulcus": "posterior", "apical": "apical", "posterior": "posterior"}
+ZONE_WORDS = {"upper": ("upper", "apex"), "middle": ("middle", "mid", "lingula"), "lower": ("lower", "base", "basilar")}
+
+
+def _reports(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        lateral = rng.random() < 0.85
+        findings = synth.sample_findings(rng, lateral=lateral)
+        yield findings, reports.write_report(findings, rng, has_lateral=lateral)
+
+
+def test_positive_sentences_carry_side_zone_site_and_size_words():
+    checked = 0
+    for findings, report in _reports(400):
+        for f in findings:
+            sentences = [m.text.lower() for m in report.mentions if (f.label, reports.POSITIVE) in m.values]
+            for text in sentences:
+                words = set(re.findall(r"[a-z]+", text))
+                if f.side in ("left", "right"):
+                    assert f.side in words and {"left", "right"} - {f.side} - words, (f, text)
+                elif f.side == "bilateral" and f.label != "Edema":  # edema is bilateral by nature
+                    assert words & {"bilateral", "bibasilar", "both", "multifocal"}, (f, text)
+                if f.label == "Fracture":
+                    assert re.search(rf"\b{f.rib}(st|nd|rd|th) posterior rib\b", text), (f, text)
+                    kind = {"mild": "nondisplaced", "moderate": "minimally displaced", "severe": "displaced"}
+                    assert kind[f.severity] in text and (f.severity == "mild") == ("nondisplaced" in text), (f, text)
+                else:
+                    assert words & set(SIZE_WORDS[f.severity]), (f, text)
+                if f.site in SITE_WORDS:
+                    assert SITE_WORDS[f.site] in text, (f, text)
+                elif f.zone and f.label in ("Consolidation", "Pneumonia") and f.side != "bilateral":
+                    assert words & set(ZONE_WORDS[f.zone]), (f, text)
+                checked += 1
+    assert checked > 500
+
+
+def test_negation_is_a_minority_and_hedges_remain():
+    words = {"Atelectasis": "atelectasis", "Consolidation": "consolidation", "Edema": "edema",
+             "Pleural Effusion": "effusion", "Pneumonia": "pneumonia", "Pneumothorax": "pneumothorax",
+             "Fracture": "fracture"}
+    named = negated = hedged = n = 0
+    for _, report in _reports(600, seed=1):
+        n += 1
+        text = report.text().lower()
+        hedged += any(v == reports.UNCERTAIN for v in report.labels.values())
+        for column, word in words.items():
+            if word in text:
+                named += 1
+                negated += report.labels[column] == reports.NEGATIVE
+    assert 0.25 <= negated / named <= 0.40, negated / named
+    assert 0.04 <= hedged / n <= 0.2, hedged / n
+
+
+def test_reports_fit_the_token_limit():
+    from clinvla_engine.data.dataset import report_text
+    from clinvla_engine.model.text import Tokenizer
+
+    vocab = (Path(synth.__file__).parents[2] / "assets" / "minilm_vocab.txt").read_text()
+    tokenizer = Tokenizer(vocab, True, 512)
+    lengths = np.array([len(tokenizer._tok.encode(report_text(r.text())).ids) for _, r in _reports(500, seed=2)])
+    assert (lengths <= 96).mean() >= 0.99, np.percentile(lengths, (50, 90, 99, 100))

@@ -52,6 +52,8 @@ class FindingLike(Protocol):
     zone: str | None  # "upper" | "middle" | "lower" | None
     severity: str  # small|moderate|large or mild|moderate|severe
     rib: int | None  # rib number for fractures
+    # optional: "retrocardiac" | "posterior basal" | "retrosternal" | "posterior sulcus" | "apical" |
+    # "posterior" | None (read with getattr, so objects without it are described without a site)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ _LOBES = {
     ("right", "middle"): ("right middle lobe", "right mid lung"),
     ("right", "lower"): ("right lower lobe", "right lung base", "right base"),
     ("left", "upper"): ("left upper lobe", "left upper lung", "left apex"),
-    ("left", "middle"): ("lingula", "left mid lung"),
+    ("left", "middle"): ("left lingula", "left mid lung"),  # the side word always appears
     ("left", "lower"): ("left lower lobe", "left lung base", "left base"),
 }
 _BILATERAL_ZONE = {"upper": "both upper lungs", "middle": "both mid lungs", "lower": "both lung bases"}
@@ -109,6 +111,15 @@ def _location(rng: np.random.Generator, side: str | None, zone: str | None) -> s
     return _pick(rng, _LOBES[(side or "right", zone or "lower")])
 
 
+# Lateral-needed sites of an opacity: the words that place it (the side fills in)
+_SITE_WHERE = {"retrocardiac": "retrocardiac {side} lower lobe", "posterior basal": "posterior basal {side} lower lobe",
+               "retrosternal": "retrosternal {side} upper lobe"}
+
+
+def _site(f: FindingLike) -> str | None:
+    return getattr(f, "site", None)
+
+
 def _severity_word(rng: np.random.Generator, severity: str, label: str = "") -> str:
     if severity == "small":
         return _pick(rng, {"Pleural Effusion": ("small", "small", "trace"),
@@ -130,13 +141,18 @@ def _positive(f: FindingLike, rng: np.random.Generator, has_lateral: bool) -> tu
                                f"{_cap(sevw)} bilateral pleural effusions are present.",
                                f"{_cap(sevw)} bilateral pleural effusions, right greater than left."))
             return body, f"{_cap(sevw)} bilateral pleural effusions."
+        if _site(f) == "posterior sulcus":  # seen only on the lateral: a meniscus in the posterior sulcus
+            body = _pick(rng, (f"{_cap(sevw)} {side} posterior pleural effusion in the posterior costophrenic "
+                               "sulcus on the lateral view.",
+                               f"A {sevw} {side} pleural effusion layers in the posterior costophrenic sulcus on "
+                               "the lateral view.",
+                               f"There is a {sevw} {side} posterior pleural effusion, seen only on the lateral view."))
+            return body, _pick(rng, (f"{_cap(sevw)} {side} posterior pleural effusion.",
+                                     f"{_cap(side)} posterior pleural effusion, {sevw}."))
         options = [f"There is a {sevw} {side} pleural effusion.", f"{_cap(sevw)} {side} pleural effusion.",
                    f"A {sevw} {side} pleural effusion is present."]
         if sev == "small":
-            options.append(f"Blunting of the {side} costophrenic angle reflects a small pleural effusion.")
-            if has_lateral:
-                options.append(f"A small {side} pleural effusion layers in the posterior costophrenic sulcus "
-                               "on the lateral view.")
+            options.append(f"Blunting of the {side} costophrenic angle reflects a {sevw} pleural effusion.")
         else:
             options.append(f"{_cap(sevw)} {side} pleural effusion with a meniscus along the lateral chest wall.")
         return _pick(rng, options), _pick(rng, (f"{_cap(sevw)} {side} pleural effusion.",
@@ -159,53 +175,65 @@ def _positive(f: FindingLike, rng: np.random.Generator, has_lateral: bool) -> tu
         }[sev]
         return _pick(rng, body), _pick(rng, (f"{_cap(sev)} pulmonary edema.", f"{_cap(sev)} pulmonary edema."))
     if f.label == "Consolidation":
-        size = {"small": "small focal", "moderate": "focal", "large": "dense lobar"}[sev]
+        if _site(f) in _SITE_WHERE:
+            where = _SITE_WHERE[_site(f)].format(side=side)
+            body = _pick(rng, (f"{_cap(sevw)} {where} opacity consistent with consolidation on the lateral view.",
+                               f"There is a {sevw} {where} consolidation, seen on the lateral view."))
+            return body, _pick(rng, (f"{_cap(sevw)} {where} consolidation.", f"{_cap(where)} consolidation, {sevw}."))
+        size = {"small": f"{sevw} focal", "moderate": "moderate focal", "large": f"{sevw} dense"}[sev]
         extra = " with air bronchograms" if sev != "small" and rng.random() < 0.5 else ""
         body = _pick(rng, (f"There is {size} consolidation in the {loc}{extra}.",
                            f"{_cap(size)} consolidation of the {loc}{extra}.",
                            f"{_cap(size)} airspace consolidation in the {loc}{extra}."))
-        return body, _pick(rng, (f"{_cap(loc)} consolidation.", f"{_cap(size)} consolidation in the {loc}."))
+        return body, _pick(rng, (f"{_cap(sevw)} {loc} consolidation.", f"{_cap(size)} consolidation in the {loc}."))
     if f.label == "Pneumonia":
         if side == "bilateral":
-            body = _pick(rng, (f"Patchy airspace opacities in {loc} consistent with multifocal pneumonia.",
+            body = _pick(rng, (f"{_cap(sev)} patchy airspace opacities in {loc} consistent with multifocal pneumonia.",
                                f"Bilateral patchy opacities compatible with {sev} multifocal pneumonia."))
-            return body, _pick(rng, ("Multifocal pneumonia.", "Bilateral pneumonia."))
-        body = _pick(rng, (f"Patchy opacity in the {loc} consistent with pneumonia.",
-                           f"Patchy airspace opacities in the {loc} compatible with pneumonia.",
+            return body, _pick(rng, (f"{_cap(sev)} multifocal pneumonia.", f"{_cap(sev)} bilateral pneumonia."))
+        body = _pick(rng, (f"{_cap(sev)} patchy opacity in the {loc} consistent with pneumonia.",
+                           f"{_cap(sev)} patchy airspace opacities in the {loc} compatible with pneumonia.",
                            f"There is {sev} patchy opacification of the {loc} consistent with pneumonia."))
-        return body, _pick(rng, (f"{_cap(loc)} pneumonia.", f"Findings consistent with {loc} pneumonia.",
-                                 f"{_cap(sev)} {loc} pneumonia."))
+        return body, _pick(rng, (f"{_cap(sev)} {loc} pneumonia.", f"Findings consistent with {sev} {loc} pneumonia."))
     if f.label == "Atelectasis":
+        if _site(f) in _SITE_WHERE:
+            where = _SITE_WHERE[_site(f)].format(side=side)
+            body = _pick(rng, (f"{_cap(sev)} {where} opacity consistent with atelectasis on the lateral view.",
+                               f"There is {sev} {where} atelectasis, seen on the lateral view."))
+            return body, _pick(rng, (f"{_cap(sev)} {where} atelectasis.", f"{_cap(where)} atelectasis, {sev}."))
         lift = ""
         if sev in ("moderate", "severe") and f.zone == "lower":  # the raised dome the renderer draws
             amount = "mild" if sev == "moderate" else "moderate"
             where = "both hemidiaphragms" if side == "bilateral" else f"the {side} hemidiaphragm"
             lift = f" with {amount} elevation of {where}"
         if side == "bilateral":
-            body = _pick(rng, (f"{_cap(sev)} bibasilar atelectasis{lift}.", f"Bibasilar plate-like atelectasis{lift}."))
-            return body, _pick(rng, ("Bibasilar atelectasis.", f"{_cap(sev)} bibasilar atelectasis."))
+            body = _pick(rng, (f"{_cap(sev)} bibasilar atelectasis{lift}.",
+                               f"{_cap(sev)} bibasilar plate-like atelectasis{lift}."))
+            return body, f"{_cap(sev)} bibasilar atelectasis."
         if f.zone == "lower":
-            body = _pick(rng, (f"Plate-like atelectasis at the {side} lung base{lift}.",
+            body = _pick(rng, (f"{_cap(sev)} plate-like atelectasis at the {side} lung base{lift}.",
                                f"{_cap(sev)} {side} basilar atelectasis{lift}.",
-                               f"Linear atelectasis in the {loc}{lift}."))
+                               f"{_cap(sev)} linear atelectasis in the {loc}{lift}."))
         else:
-            body = _pick(rng, (f"Linear atelectasis in the {loc}.", f"Subsegmental atelectasis in the {loc}."))
-        first = f"{_cap(side)} basilar atelectasis." if f.zone == "lower" else f"Atelectasis in the {loc}."
+            body = _pick(rng, (f"{_cap(sev)} linear atelectasis in the {loc}.",
+                               f"{_cap(sev)} subsegmental atelectasis in the {loc}."))
+        first = f"{_cap(sev)} {side} basilar atelectasis." if f.zone == "lower" else f"{_cap(sev)} atelectasis, {loc}."
         return body, _pick(rng, (first, f"{_cap(sev)} atelectasis in the {loc}."))
     if f.label == "Pneumothorax":
-        where = "apical " if sev == "small" else ""
-        body = _pick(rng, (f"There is a {sevw} {side} {where}pneumothorax.",
-                           f"{_cap(sevw)} {side} {where}pneumothorax with a visible pleural line.",
-                           f"A {sevw} {side} {where}pneumothorax is noted."))
-        return body, _pick(rng, (f"{_cap(sevw)} {side} pneumothorax.", f"{_cap(side)} {where}pneumothorax, {sevw}."))
+        # the renderer drops the lung from the apex and the lateral wall: always an apical pneumothorax
+        body = _pick(rng, (f"There is a {sevw} {side} apical pneumothorax.",
+                           f"{_cap(sevw)} {side} apical pneumothorax with a visible pleural line.",
+                           f"A {sevw} {side} apical pneumothorax is noted."))
+        return body, _pick(rng, (f"{_cap(sevw)} {side} apical pneumothorax.", f"{_cap(side)} apical pneumothorax, {sevw}."))
     if f.label == "Fracture":
         rib = _ordinal(f.rib or 7)
-        part = _pick(rng, ("posterior ", "posterior ", ""))  # the renderer breaks the posterior arc
         kind = {"mild": "Nondisplaced", "moderate": "Minimally displaced", "severe": "Displaced"}[sev]
         step = " with a step-off" if sev == "severe" else ""
-        body = _pick(rng, (f"{kind} fracture of the {side} {part}{rib} rib{step}.",
-                           f"{kind} {side} {part}{rib} rib fracture{step}."))
-        return body, _pick(rng, (f"{_cap(side)} {rib} rib fracture.", f"{kind} fracture of the {side} {rib} rib."))
+        # the renderer breaks the posterior arc
+        body = _pick(rng, (f"{kind} fracture of the {side} {rib} posterior rib{step}.",
+                           f"{kind} {side} {rib} posterior rib fracture{step}."))
+        return body, _pick(rng, (f"{kind} {side} {rib} posterior rib fracture.",
+                                 f"{_cap(side)} {rib} posterior rib fracture, {kind.lower()}."))
     raise ValueError(f"no report template for finding label {f.label!r}; expected one of {', '.join(CLASSES[1:])}")
 
 
@@ -254,8 +282,11 @@ _NEGATABLE = {
     "Pneumonia": ("pneumonia",),
     "Atelectasis": ("atelectasis",),
 }
-_NEGATION_RATE = {"Pleural Effusion": 0.75, "Pneumothorax": 0.75, "Consolidation": 0.55, "Edema": 0.4,
-                  "Pneumonia": 0.2, "Atelectasis": 0.1, "Cardiomegaly": 0.6, "Fracture": 0.3}
+# Per absent class. Set so that about a third of the reports that name a finding negate it (most
+# name it because it is there); a report writer that negated every usual suspect would teach the
+# text tower that a finding's word mostly means its absence.
+_NEGATION_RATE = {"Pleural Effusion": 0.12, "Pneumothorax": 0.06, "Consolidation": 0.06, "Edema": 0.075,
+                  "Pneumonia": 0.075, "Atelectasis": 0.085, "Cardiomegaly": 0.4, "Fracture": 0.05}
 _LUNG_LABELS = {"Atelectasis", "Consolidation", "Edema", "Pneumonia", "Pneumothorax", "Pleural Effusion"}
 
 

@@ -15,9 +15,24 @@ def _pad_to(x: torch.Tensor, length: int, dim: int, value=0) -> torch.Tensor:
     return F.pad(x, pad, value=value)
 
 
-def training_losses(out, cfg: LossConfig) -> dict[str, torch.Tensor]:
+def local_weight_at(cfg: LossConfig, step: int | None) -> float:
+    """The local loss weight at optimizer step `step` (0-based; None = after any ramp): 0 before
+    loss.local_start_step, then a linear ramp over loss.local_ramp_steps steps up to local_weight."""
+    if step is None:
+        return float(cfg.local_weight)
+    if step < cfg.local_start_step:
+        return 0.0
+    if cfg.local_ramp_steps > 0:
+        return float(cfg.local_weight) * min(1.0, (step - cfg.local_start_step + 1) / cfg.local_ramp_steps)
+    return float(cfg.local_weight)
+
+
+def training_losses(out, cfg: LossConfig, step: int | None = None) -> dict[str, torch.Tensor]:
     """{"loss", "global", "local", "mim"} for a ClinVLAOutput. In a multi-process run each rank
-    scores its own rows and columns against the gathered batch (see clinvla_engine.distributed)."""
+    scores its own rows and columns against the gathered batch (see clinvla_engine.distributed).
+
+    `step` (the 0-based optimizer step) sets the local weight (local_weight_at); a step whose
+    weight is 0 does not compute the local loss, and its losses hold no "local"."""
     from . import local_alignment_scores  # the dispatching entry point (fused kernel or reference)
 
     b = out.image_emb.shape[0]
@@ -35,7 +50,12 @@ def training_losses(out, cfg: LossConfig) -> dict[str, torch.Tensor]:
         losses["global"] = 0.5 * (F.cross_entropy(logits_img, labels) + F.cross_entropy(logits_txt, labels))
         total = total + cfg.global_weight * losses["global"]
 
-    if cfg.local_weight > 0:
+    local_weight = local_weight_at(cfg, step)
+    if local_weight == 0 and cfg.local_weight > 0 and world > 1:
+        # DDP (find_unused_parameters=False) needs every trainable parameter in the graph: the
+        # local heads join with a zero contribution instead of a B x B x M x T score they would waste
+        total = total + 0.0 * (out.regions.sum() + out.words.sum())
+    if local_weight > 0:
         if world == 1:
             s = local_alignment_scores(out.regions, out.words, out.word_mask, out.region_mask, tau1, tau2, tau3,
                                        fused=cfg.local_fused)
@@ -54,7 +74,7 @@ def training_losses(out, cfg: LossConfig) -> dict[str, torch.Tensor]:
             cols = local_alignment_scores(regions_all, words, word_mask, region_mask_all, tau1, tau2, tau3,
                                           fused=cfg.local_fused).t()
         losses["local"] = 0.5 * (F.cross_entropy(rows, labels) + F.cross_entropy(cols, labels))
-        total = total + cfg.local_weight * losses["local"]
+        total = total + local_weight * losses["local"]
 
     if cfg.mim_weight > 0 and out.mim_loss is not None:
         losses["mim"] = out.mim_loss

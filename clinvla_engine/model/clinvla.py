@@ -9,6 +9,11 @@ T word positions, E = config.embed_dim):
 * ``encode_text``: texts or (input_ids, attention_mask) (B, T+1) -> global (B, E), L2-normalised;
   with ``return_local``: words (B, T, E) and word_mask (B, T) (no [CLS], [SEP] or padding).
 
+The global image feature comes from the views through ``vision.fusion`` (model/fusion.py: the
+mean of the present views' CLS tokens, a gate over them, or attention over their tokens).
+``forward(..., loss_word_mask=...)`` narrows the words the local loss sees (loss.local_words =
+"content"); ``vision.init_from`` starts the image tower from a (pretraining) checkpoint.
+
 A missing lateral view is skipped, never faked: only present laterals go through the ViT. The
 ``static_views=True`` path (used for export) runs every lateral slot and masks the missing ones
 out of the mean and the regions, which gives the same numbers with static shapes.
@@ -24,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ClinVLAConfig
+from .fusion import create_fusion
 from .text import BERT_FIELDS, TextEncoder, Tokenizer, text_architecture
-from .vit import Block, MultiViewViT, load_vit_weights
+from .vit import Block, MultiViewViT, load_image_tower, load_vit_weights
 
 
 class ProjectionHead(nn.Module):
@@ -86,6 +92,17 @@ class MIMDecoder(nn.Module):
         return (per_patch * masked).sum() / masked.sum().clamp_min(1.0)
 
 
+def narrow_word_mask(mask: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """`mask` (B, T') bool checked against the word positions (B, T) and cut to T columns (a
+    collated mask may be padded wider than the texts of its batch)."""
+    if mask.dim() != 2 or mask.shape[0] != word_mask.shape[0] or mask.shape[1] < word_mask.shape[1]:
+        raise ValueError(
+            f"loss_word_mask must be (B, T) = {tuple(word_mask.shape)} bool over the word positions (token "
+            f"columns 1.. of input_ids), got {tuple(mask.shape)}"
+        )
+    return mask[:, : word_mask.shape[1]].to(device=word_mask.device, dtype=torch.bool)
+
+
 @dataclass
 class ClinVLAOutput:
     image_emb: torch.Tensor  # (B, E) L2-normalised
@@ -115,6 +132,9 @@ class ClinVLA(nn.Module):
             config.text.bert.setdefault("vocab_size", len(self.tokenizer.vocab))
             config.text.bert.setdefault("pad_token_id", self.tokenizer.pad_id)
         self.visual = MultiViewViT(config.vision, config.adapter)
+        # outside `visual`: the fusion always trains, also when the backbone is frozen
+        self.fusion = create_fusion(config.vision.fusion, config.vision.width, config.vision.heads,
+                                    config.vision.num_views)
         self.text = TextEncoder(config.text, config.adapter, pretrained=pretrained)
         config.text.bert = dict(self.text.bert_config)  # recorded so a checkpoint rebuilds without guessing
         if len(self.tokenizer.vocab) > config.text.bert["vocab_size"]:
@@ -146,6 +166,11 @@ class ClinVLA(nn.Module):
                 print(f"image weights {config.vision.weights}: {len(missing)} missing keys "
                       f"({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}), "
                       f"{len(unexpected)} unexpected ({', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''})")
+        if pretrained and config.vision.init_from:
+            loaded = load_image_tower(self.visual, config.vision.init_from)
+            if verbose:
+                print(f"image tower from {config.vision.init_from}: {len(loaded)} backbone tensors loaded "
+                      f"(adapters start fresh); backbone {'frozen' if config.vision.frozen else 'fine-tuned'}")
         self.apply_freezing()
 
     # ---- parameters ---------------------------------------------------------------------------
@@ -202,7 +227,7 @@ class ClinVLA(nn.Module):
         was_training = self.training
         self.eval()
         cls, patches, _, present, b = self._views(frontal, lateral, lateral_present, 0.0)
-        img_feat = self._pool_views(cls, present, b, static_views=False)
+        img_feat = self.fusion(cls, patches, present, b, False)
         hidden = self.text(input_ids, attention_mask)
         word_mask = self._word_mask(input_ids, attention_mask)
 
@@ -278,20 +303,12 @@ class ClinVLA(nn.Module):
         out = self._encode_images(frontal, lateral, lateral_present, mask_ratio, static_views, return_local)
         return out[:3] if return_local else out[0]
 
-    @staticmethod
-    def _pool_views(cls: torch.Tensor, present: torch.Tensor, b: int, static_views: bool) -> torch.Tensor:
-        """The study's global feature (B, W): the mean of its present views' CLS tokens. `cls` holds
-        the B frontal CLS tokens, then the laterals (all B with static_views, else the present ones)."""
-        f_cls = cls[:b]
-        n_lat = cls.shape[0] - b
-        weights = present.to(cls.dtype)
-        if static_views and n_lat:
-            summed = f_cls + cls[b:] * weights[:, None]
-        elif n_lat:
-            summed = f_cls.index_add(0, present.nonzero().squeeze(1), cls[b:])
-        else:
-            summed = f_cls
-        return summed / (1.0 + weights)[:, None]
+    def _pool_views(self, cls: torch.Tensor, patches: torch.Tensor, present: torch.Tensor, b: int,
+                    static_views: bool) -> torch.Tensor:
+        """The study's global feature (B, W) from its views (vision.fusion; see model/fusion.py).
+        `cls` (B + n, W) and `patches` (B + n, L, W) hold the B frontal views, then the laterals
+        (all B with static_views, else the n present ones)."""
+        return self.fusion(cls, patches, present, b, static_views)
 
     def _word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the real words after [CLS] (no padding, no [SEP])."""
@@ -301,7 +318,7 @@ class ClinVLA(nn.Module):
         cls, patches, keep_idx, present, b = self._views(frontal, lateral, lateral_present, mask_ratio, static_views)
         n_lat = cls.shape[0] - b
         weights = present.to(cls.dtype)
-        image_emb = F.normalize(self.image_global_head(self._pool_views(cls, present, b, static_views)), dim=-1)
+        image_emb = F.normalize(self.image_global_head(self._pool_views(cls, patches, present, b, static_views)), dim=-1)
         if not local:
             return image_emb, None, None, cls, patches, keep_idx
         local_feats = self.image_local_head(patches)  # (B + n_lat, L, E)
@@ -350,14 +367,21 @@ class ClinVLA(nn.Module):
         lateral: torch.Tensor | None = None,  # (B, 3, H, W)
         lateral_present: torch.Tensor | None = None,  # (B,) bool
         mask_ratio: float | None = None,
+        loss_word_mask: torch.Tensor | None = None,  # (B, T) bool, e.g. the content words; None = all
     ) -> ClinVLAOutput:
-        """Everything the losses need. mask_ratio defaults to the config's in training, 0 in eval."""
+        """Everything the losses need. mask_ratio defaults to the config's in training, 0 in eval.
+
+        loss_word_mask narrows the word positions the local loss sees (loss.local_words =
+        "content": Tokenizer(..., content_mask=True) gives it, column 0 being [CLS]: pass [:, 1:]);
+        it is and-ed with the real words, so it can only remove positions."""
         if mask_ratio is None:
             mask_ratio = self.config.vision.mask_ratio if self.training else 0.0
         image_emb, regions, region_mask, cls, patches, keep_idx = self._encode_images(
             frontal, lateral, lateral_present, mask_ratio, False
         )
         text_emb, words, word_mask = self.encode_text((input_ids, attention_mask), return_local=True)
+        if loss_word_mask is not None:
+            word_mask = word_mask & narrow_word_mask(loss_word_mask, word_mask)
         logit_scale, tau = self.temperatures()
         mim = None
         if self.decoder is not None and keep_idx is not None and self.config.loss.mim_weight > 0:

@@ -153,8 +153,12 @@ class Tokenizer:
     def from_state(cls, state: dict) -> "Tokenizer":
         return cls(state["vocab"], bool(state["lowercase"]), int(state["max_length"]))
 
-    def __call__(self, texts: Sequence[str], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask, (B, L) long each; L = longest text (or pad_to), <= max_length."""
+    def __call__(self, texts: Sequence[str], pad_to: int | None = None, content_mask: bool = False):
+        """Token ids and attention mask, (B, L) long each; L = longest text (or pad_to), <= max_length.
+
+        content_mask=True adds a third tensor, (B, L) bool: True on the pieces of content words
+        (see clinvla_engine.model.content_words), False on [CLS], [SEP], padding, stop-words,
+        punctuation, negated words and on a word cut by truncation; a word's pieces share its flag."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, got a single str; wrap it in a list")
         if len(texts) == 0:
@@ -169,7 +173,32 @@ class Tokenizer:
         for i, e in enumerate(encs):
             n = min(len(e.ids), length)
             ids[i, :n] = torch.tensor(e.ids[:n], dtype=torch.long)
-        return ids, (ids != self.pad_id).long()
+        if not content_mask:
+            return ids, (ids != self.pad_id).long()
+        content = torch.zeros(len(encs), length, dtype=torch.bool)
+        for i, (text, e) in enumerate(zip(texts, encs)):
+            flags = _piece_flags(text, e)[:length]
+            content[i, :len(flags)] = torch.tensor(flags, dtype=torch.bool)
+        return ids, (ids != self.pad_id).long(), content
+
+
+def _piece_flags(text: str, enc) -> list[bool]:
+    """Per token of one encoding: whether it is a piece of a content word (whole words only)."""
+    from .content_words import content_flags
+
+    word_ids = enc.word_ids
+    spans: dict[int, list[int]] = {}
+    for t, w in enumerate(word_ids):
+        if w is not None:
+            spans.setdefault(w, [enc.offsets[t][0], enc.offsets[t][1]])[1] = enc.offsets[t][1]
+    order = sorted(spans)
+    flags = dict(zip(order, content_flags([text[spans[w][0]:spans[w][1]] for w in order])))
+    # truncation may cut the last word in two: its remaining pieces continue in the overflow
+    for over in enc.overflowing[:1]:
+        cont = next((w for w in over.word_ids if w is not None), None)
+        if cont is not None and cont in flags:
+            flags[cont] = False
+    return [w is not None and flags[w] for w in word_ids]
 
 
 class TextEncoder(nn.Module):

@@ -210,3 +210,37 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)
     return torch.cat([cls, patches], dim=1)
+
+
+def is_adapter_key(name: str) -> bool:
+    return ".adapter_" in f".{name}"
+
+
+def load_image_tower(vit: MultiViewViT, path: str) -> list[str]:
+    """Loads the image backbone of a ClinVLA checkpoint (e.g. one `clinvla pretrain` wrote) into
+    `vit` (``vision.init_from``); returns the names loaded.
+
+    Every backbone tensor (patch, position, CLS and view embeddings, the blocks, the final norm) is
+    required with this model's shape: a checkpoint of another vision architecture is refused with
+    the keys that differ, never loaded in part. The adapters are not loaded: they start fresh
+    (zero up-projection), so the adapted tower starts as exactly the pretrained one."""
+    from .checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        _, _, state, _ = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"vision.init_from: {exc}") from None
+    own = {k: v for k, v in vit.state_dict().items() if not is_adapter_key(k)}
+    tower = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.") and not is_adapter_key(k[7:])}
+    missing = sorted(set(own) - set(tower))
+    bad_shape = sorted(f"{k} {tuple(tower[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(tower)
+                       if tower[k].shape != own[k].shape)
+    if missing or bad_shape:
+        raise CheckpointError(
+            f"vision.init_from {path}: its image tower does not fit this model's vision config "
+            f"({len(missing)} missing: {', '.join(missing[:4])}; {len(bad_shape)} of another shape: "
+            f"{', '.join(bad_shape[:4])}); use the same vision.image_size, patch_size, width, depth, heads, "
+            "mlp_ratio and num_views as the pretraining run"
+        )
+    vit.load_state_dict({k: tower[k] for k in own}, strict=False)
+    return sorted(own)

@@ -1,6 +1,7 @@
 """``clinvla embed``: the argparse wiring (the package CLI adds it with ``add_embed_parser``).
 
     python -m clinvla_engine.pipeline.cli embed ARCHIVE --engine ENGINE_DIR --out STORE [--resume]
+    python -m clinvla_engine.pipeline.cli embed --orthanc URL [--orthanc-user U] --engine ENGINE_DIR --out STORE
 """
 from __future__ import annotations
 
@@ -17,7 +18,21 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         description="Embed an archive (MIMIC-CXR-JPG, CheXpert, RSNA or a DICOM tree) with an engine bundle into "
                     "STORE/shards/part-*.parquet; failed studies go to STORE/errors.parquet. Safe to kill: "
                     "run again with --resume to continue where the committed shards end.")
-    p.add_argument("source", metavar="SOURCE", help="archive folder")
+    p.add_argument("source", metavar="SOURCE", nargs="?", default=None,
+                   help="archive folder (or --orthanc URL instead)")
+    pacs = p.add_argument_group(
+        "Orthanc as the source", "embed every CR/DX study of an Orthanc server over its REST API; the store keys "
+        "studies by Orthanc's study id (StudyInstanceUID is kept in STORE/manifest.parquet). The password is "
+        f"read from ${_password_env()}, from the variable named by --orthanc-password-env, or from the file "
+        "of --orthanc-password-file; never from the command line")
+    pacs.add_argument("--orthanc", metavar="URL", default=None, help="Orthanc REST root, e.g. http://pacs:8042")
+    pacs.add_argument("--orthanc-user", metavar="USER", default=None, help="HTTP basic-auth user")
+    pacs.add_argument("--orthanc-password-env", metavar="VAR", default=None,
+                      help=f"environment variable holding the password (default: {_password_env()})")
+    pacs.add_argument("--orthanc-password-file", metavar="FILE", default=None,
+                      help="file whose first line is the password")
+    pacs.add_argument("--orthanc-page-size", type=int, default=100, metavar="N",
+                      help="studies per /studies page (default 100)")
     p.add_argument("--engine", required=True, metavar="ENGINE_DIR", help="engine bundle (clinvla-build-engine)")
     p.add_argument("--out", required=True, metavar="STORE", help="store folder (new, or an existing one with --resume)")
     p.add_argument("--format", dest="fmt", default=None, choices=["mimic", "chexpert", "rsna", "dicom"],
@@ -43,25 +58,53 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _password_env() -> str:
+    from .orthanc import PASSWORD_ENV
+
+    return PASSWORD_ENV
+
+
+def _source(args):
+    """SOURCE folder or an OrthancSource; exactly one of SOURCE and --orthanc."""
+    if args.orthanc is None:
+        if args.source is None:
+            raise ValueError("pass an archive folder SOURCE, or --orthanc URL to embed an Orthanc server")
+        if args.orthanc_user or args.orthanc_password_env or args.orthanc_password_file:
+            raise ValueError("--orthanc-user / --orthanc-password-* only apply with --orthanc URL")
+        return args.source
+    if args.source is not None:
+        raise ValueError(f"pass either SOURCE ({args.source}) or --orthanc URL, not both")
+    if args.fmt is not None:
+        raise ValueError("--format does not apply to --orthanc (its instances are DICOM)")
+    from .orthanc import orthanc_source_from_args
+
+    return orthanc_source_from_args(args.orthanc, args.orthanc_user, args.orthanc_password_env,
+                                    args.orthanc_password_file, args.orthanc_page_size)
+
+
 def run_embed(args) -> int:
     from ..data.study import DatasetError
     from ..runtime import BundleError
-    from .embed import embed_archive
+    from .embed import SourceUnavailable, embed_archive
     from .phi import SaltError
     from .store import StoreError
 
     try:
         summary = embed_archive(
-            args.source, args.engine, args.out, fmt=args.fmt, workers=args.workers, batch_size=args.batch_size,
+            _source(args), args.engine, args.out, fmt=args.fmt, workers=args.workers, batch_size=args.batch_size,
             executor=args.executor, local_features=args.local_features, resume=args.resume, limit=args.limit,
             salt_file=args.salt_file, progress=not args.no_progress, shard_rows=args.shard_rows,
             ray_address=args.ray_address)
-    except (StoreError, BundleError, DatasetError, SaltError, ValueError) as exc:
+    except (StoreError, BundleError, DatasetError, SaltError, SourceUnavailable, ValueError) as exc:
         print(f"clinvla embed: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("store", "studies", "failed_studies", "embedded", "failed",
                                               "already_done", "scan_problems", "remaining", "seconds",
                                               "studies_per_s")}, indent=2))
+    if summary["failed"] or summary["scan_problems"]:
+        print(f"clinvla embed: {summary['failed']} studies failed and {summary['scan_problems']} archive problems "
+              f"were skipped; each is a row of {summary['store']}/errors.parquet (input, stage, reason)",
+              file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Decode one DICOM chest X-ray, of any transfer syntax an archive holds, to float32 grey in [0, 1].
 
-``decode_dicom(path_or_dataset, *, target_size=None) -> np.ndarray`` (H, W) float32 in [0, 1]:
+``decode_dicom(path_bytes_or_dataset, *, target_size=None) -> np.ndarray`` (H, W) float32 in [0, 1]
+(a file on disk and the same file's bytes, e.g. downloaded from a PACS, go through the same code):
 stored values -> modality LUT (Rescale Slope/Intercept or LUT) -> VOI LUT, else the first
 window, else the full stored range -> MONOCHROME1 inverted (``data.io.dicom_to_unit``, the same
 display rules as ``load_image``). Signed pixels are read as signed by the decoders.
@@ -73,11 +74,24 @@ def _source_path(ds: Any) -> Path:
     return Path(name) if isinstance(name, (str, Path)) and name else Path("<dataset>")
 
 
-def _read(path: Path) -> tuple[Any, int]:
-    """The dataset with its pixel data left on disk (read after the checks), and the file size."""
+def _parse(source: Any, path: Path, **read_options: Any) -> Any:
+    """pydicom.dcmread(source) with every failure turned into an ImageDecodeError naming `path`."""
     pydicom = require_pydicom()
     from pydicom.errors import InvalidDicomError
 
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every odd header; errors come below
+            return pydicom.dcmread(source, **read_options)
+    except InvalidDicomError as exc:
+        raise ImageDecodeError(path, f"not a DICOM Part 10 file (no 'DICM' marker at byte 128): {exc}") from None
+    except Exception as exc:  # truncated or corrupt header: pydicom raises many kinds
+        raise ImageDecodeError(path, f"unreadable DICOM header, truncated or corrupt "
+                                     f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+
+
+def _read(path: Path) -> tuple[Any, int]:
+    """The dataset with its pixel data left on disk (read after the checks), and the file size."""
     if not path.exists():
         raise ImageDecodeError(path, "no such file")
     if path.is_dir():
@@ -88,16 +102,15 @@ def _read(path: Path) -> tuple[Any, int]:
         raise ImageDecodeError(path, f"cannot read the file ({exc})") from None
     if size == 0:
         raise ImageDecodeError(path, "empty file (0 bytes); the copy or download was probably cut short")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on every odd header; errors come below
-            ds = pydicom.dcmread(path, defer_size="256 KB")
-    except InvalidDicomError as exc:
-        raise ImageDecodeError(path, f"not a DICOM Part 10 file (no 'DICM' marker at byte 128): {exc}") from None
-    except Exception as exc:  # truncated or corrupt header: pydicom raises many kinds
-        raise ImageDecodeError(path, f"unreadable DICOM header, truncated or corrupt "
-                                     f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
-    return ds, size
+    return _parse(path, path, defer_size="256 KB"), size
+
+
+def _read_bytes(data: bytes, path: Path) -> tuple[Any, int]:
+    """The same as _read for a file already in memory (e.g. downloaded from a PACS); `path` only
+    names it in errors. Nothing is deferred: the bytes are here already."""
+    if len(data) == 0:
+        raise ImageDecodeError(path, "empty file (0 bytes); the copy or download was probably cut short")
+    return _parse(BytesIO(data), path), len(data)
 
 
 def _int(ds: Any, keyword: str, path: Path, default: int | None = None) -> int:
@@ -289,17 +302,24 @@ def _decode_stored(ds: Any, path: Path, syntax: Any, rows: int, columns: int, bi
                                      "truncated or corrupt") from None
 
 
-def decode_dicom(source: str | Path | Any, *, target_size: int | None = None) -> np.ndarray:
+def decode_dicom(source: str | Path | bytes | Any, *, target_size: int | None = None,
+                 name: str | None = None) -> np.ndarray:
     """One DICOM radiograph -> float32 (H, W) grey in [0, 1]; ImageDecodeError(path, reason) otherwise.
 
-    source: a path, or a pydicom Dataset already read (with its pixel data). target_size: the
-    model's input side, used only to decode JPEG 2000 at a reduced resolution (module doc).
+    source: a path, the bytes of a whole DICOM Part 10 file (e.g. downloaded from Orthanc), or a
+    pydicom Dataset already read (with its pixel data); a file and its bytes decode identically.
+    target_size: the model's input side, used only to decode JPEG 2000 at a reduced resolution
+    (module doc). name: what errors call a bytes or Dataset source (default "<bytes>" /
+    the dataset's filename).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
         ds, file_size = _read(path)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        path = Path(name or "<bytes>")
+        ds, file_size = _read_bytes(bytes(source), path)
     else:
-        ds, path, file_size = source, _source_path(source), None
+        ds, path, file_size = source, Path(name) if name else _source_path(source), None
     rows, columns, bits, syntax = _check_header(ds, path, file_size)
     stored = _decode_stored(ds, path, syntax, rows, columns, bits, target_size)
     if stored.ndim != 2:

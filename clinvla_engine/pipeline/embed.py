@@ -16,6 +16,13 @@ of the original file; only S x S pixels cross the process boundary. The Ray exec
 
 One bad study never stops a run: a file that does not decode (or a worker that dies on it) and a
 study the engine refuses become rows of errors.parquet (input, stage, reason) and the run goes on.
+
+Sources other than a folder (a PACS over the network: ``orthanc.OrthancSource``) plug in as a
+``StudySource``: they list the studies (tasks whose inputs are the source's own names for the
+files) and give a picklable ``read(input) -> bytes``; the workers then decode those bytes with the
+same ``decode_picture`` as files on disk. A ``SourceUnavailable`` raised by ``read`` (bad
+credentials, the server gone) stops the run instead of failing every study that follows; the
+committed shards stay and ``--resume`` continues.
 """
 from __future__ import annotations
 
@@ -37,6 +44,31 @@ from .store import (LOCAL_MODES, POOL_GRID, StoreError, StoreWriter, engine_fing
                     filter_new, shard_schema)
 
 DEFAULT_SHARD_ROWS = 8192
+
+
+class SourceUnavailable(RuntimeError):
+    """The source itself failed (not one study): stop the run; --resume continues it later."""
+
+
+class StudySource:
+    """A source of studies that are not files under a folder (see the module doc).
+
+    ``collect`` returns (tasks, metas) like ``collect_studies``; ``done`` holds the keys the store
+    has committed already, whose details a source may skip fetching. ``reader()`` returns a
+    picklable callable mapping a task's frontal/lateral input to the bytes of its DICOM file.
+    """
+
+    description = "study source"
+
+    def open(self) -> Any:
+        """Check that the source answers (called before the store is opened); raise otherwise."""
+
+    def collect(self, store: Path, workers: int, salt: bytes | None, scan_errors: list[dict],
+                progress: bool, done: pa.Array) -> tuple[list["StudyTask"], list["StudyMeta"]]:
+        raise NotImplementedError
+
+    def reader(self) -> Callable[[str], bytes]:
+        raise NotImplementedError
 DECODE_CHUNK = 8  # studies per worker task: amortises inter-process overhead, keeps latency low
 
 
@@ -177,14 +209,22 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def decode_picture(path: str, size: int) -> np.ndarray:
-    """One file -> (size, size) float32 in [0, 1]: the engine's resize + centre crop, not normalised."""
+def decode_picture(path: str | bytes, size: int, name: str | None = None) -> np.ndarray:
+    """One file -> (size, size) float32 in [0, 1]: the engine's resize + centre crop, not normalised.
+
+    path: a file, or the bytes of a DICOM file (a PACS download; ``name`` names it in errors).
+    """
     global _decode_dicom
     from ..data.io import is_dicom, load_image
     from ..data.transforms import resize_center_crop, to_unit_float
 
     image = None
-    if is_dicom(path):
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        from .decode import decode_dicom
+
+        image = decode_dicom(bytes(path), target_size=size, name=name)
+        path = name or "<bytes>"
+    elif is_dicom(path):
         if _decode_dicom is None:
             try:  # the codec-aware decoder, where that module exists
                 from .decode import decode_dicom as fn
@@ -203,18 +243,27 @@ def decode_picture(path: str, size: int) -> np.ndarray:
         raise ImageDecodeError(path, str(exc)) from None
 
 
-def decode_task(task: StudyTask, size: int) -> tuple[str, np.ndarray | None, np.ndarray | None, tuple | None]:
-    """(key, frontal, lateral, error) where error is (input, reason) or None."""
+def decode_task(task: StudyTask, size: int, read: Callable[[str], bytes] | None = None
+                ) -> tuple[str, np.ndarray | None, np.ndarray | None, tuple | None]:
+    """(key, frontal, lateral, error) where error is (input, reason) or None.
+
+    read: for a StudySource, maps the task's inputs to file bytes (None: they are file paths).
+    """
     from ..data.study import DatasetError
+
+    def picture(name: str) -> np.ndarray:
+        return decode_picture(name, size) if read is None else decode_picture(read(name), size, name=name)
 
     current = task.frontal
     try:
-        front = decode_picture(task.frontal, size)
+        front = picture(task.frontal)
         lat = None
         if task.lateral is not None:
             current = task.lateral
-            lat = decode_picture(task.lateral, size)
+            lat = picture(task.lateral)
         return task.key, front, lat, None
+    except SourceUnavailable:
+        raise  # the source, not this study: the run stops
     except DatasetError as exc:
         reason = getattr(exc, "reason", None) or str(exc)
         return task.key, None, None, (current, reason)
@@ -224,8 +273,8 @@ def decode_task(task: StudyTask, size: int) -> tuple[str, np.ndarray | None, np.
         return task.key, None, None, (current, f"{type(exc).__name__}: {exc}")
 
 
-def decode_chunk(tasks: Sequence[StudyTask], size: int) -> list:
-    return [decode_task(t, size) for t in tasks]
+def decode_chunk(tasks: Sequence[StudyTask], size: int, read: Callable[[str], bytes] | None = None) -> list:
+    return [decode_task(t, size, read) for t in tasks]
 
 
 # ---- rows ---------------------------------------------------------------------------------------
@@ -421,12 +470,13 @@ def _result(fut, pool: ProcessPoolExecutor):
                 raise BrokenProcessPool("a decode worker died without the pool noticing") from None
 
 
-def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator[tuple]:
+def _decoded_stream(tasks: list[StudyTask], size: int, workers: int,
+                    read: Callable[[str], bytes] | None = None) -> Iterator[tuple]:
     """Decoded studies in task order; at most 4 chunks per worker in flight (bounded memory)."""
     chunks = [tasks[i:i + DECODE_CHUNK] for i in range(0, len(tasks), DECODE_CHUNK)]
     if workers <= 0:
         for chunk in chunks:
-            yield from decode_chunk(chunk, size)
+            yield from decode_chunk(chunk, size, read)
         return
     import multiprocessing as mp
 
@@ -444,7 +494,7 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator
         while pending or inflight:
             while pending and len(inflight) < 4 * workers:
                 chunk = pending.popleft()
-                inflight.append((chunk, pool.submit(decode_chunk, chunk, size)))
+                inflight.append((chunk, pool.submit(decode_chunk, chunk, size, read)))
             chunk, fut = inflight.popleft()
             try:
                 decoded = _result(fut, pool)
@@ -463,14 +513,14 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator
             pool = new_pool()
             for redo in lost:
                 try:
-                    decoded = _result(pool.submit(decode_chunk, redo, size), pool)
+                    decoded = _result(pool.submit(decode_chunk, redo, size, read), pool)
                 except BrokenProcessPool:
                     decoded = []
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = new_pool()
                     for task in redo:
                         try:
-                            decoded += _result(pool.submit(decode_chunk, [task], size), pool)
+                            decoded += _result(pool.submit(decode_chunk, [task], size, read), pool)
                             crashes = 0
                         except BrokenProcessPool:
                             crashes += 1
@@ -489,7 +539,8 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int) -> Iterator
 
 
 def _run_local(tasks, metas_by_key, engine, stage: EngineStage, writer: BufferedWriter, *, workers: int,
-               batch_size: int, fingerprint: str, bar) -> tuple[int, int]:
+               batch_size: int, fingerprint: str, bar, read: Callable[[str], bytes] | None = None
+               ) -> tuple[int, int]:
     embedded = failed = 0
     batch: list[tuple] = []
 
@@ -512,7 +563,7 @@ def _run_local(tasks, metas_by_key, engine, stage: EngineStage, writer: Buffered
         batch.clear()
 
     size = engine.image_size
-    for key, front, lat, err in _decoded_stream(tasks, size, workers):
+    for key, front, lat, err in _decoded_stream(tasks, size, workers, read):
         if err is not None:
             writer.add(None, [error_row(err[0], "decode", err[1], key)])
             failed += 1
@@ -528,7 +579,7 @@ def _run_local(tasks, metas_by_key, engine, stage: EngineStage, writer: Buffered
 
 
 # ---- the entry point ----------------------------------------------------------------------------
-def embed_archive(source: str | os.PathLike, engine_dir: str | os.PathLike, out: str | os.PathLike, *,
+def embed_archive(source: str | os.PathLike | StudySource, engine_dir: str | os.PathLike, out: str | os.PathLike, *,
                   fmt: str | None = None, workers: int | None = None, batch_size: int = 64,
                   executor: str = "local", local_features: str = "none", resume: bool = False,
                   limit: int | None = None, salt_file: str | os.PathLike | None = None, progress: bool = True,
@@ -536,7 +587,8 @@ def embed_archive(source: str | os.PathLike, engine_dir: str | os.PathLike, out:
     """Embeds every study of an archive into the store at `out`; returns a summary dict.
 
     source: an archive folder any loader reads (mimic, chexpert, rsna, dicom; fmt detects unless
-    given). workers: decode processes (default cores - 1; 0 decodes in this process). batch_size:
+    given), or a StudySource (e.g. orthanc.OrthancSource: a PACS over its REST API; local executor).
+    workers: decode processes (default cores - 1; 0 decodes in this process). batch_size:
     studies per engine call. executor: "local" or "ray". local_features: "none", "pooled"
     (POOL_GRID x POOL_GRID cells per view) or "full" (every patch). resume: continue a store,
     skipping the studies its committed files hold. limit: at most this many new studies this run.
@@ -556,6 +608,11 @@ def embed_archive(source: str | os.PathLike, engine_dir: str | os.PathLike, out:
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     workers = default_workers() if workers is None else int(workers)
+    from_source = isinstance(source, StudySource)
+    if from_source and executor != "local":
+        raise ValueError(f"{source.description} is read with the local executor only, got executor={executor!r}")
+    if from_source:
+        source.open()  # bad credentials or a wrong URL fail here, before any store is created
     t0 = time.perf_counter()
     engine_dir = Path(engine_dir).expanduser()
     _, manifest = read_manifest(engine_dir)
@@ -565,14 +622,19 @@ def embed_archive(source: str | os.PathLike, engine_dir: str | os.PathLike, out:
     geometry = {"views": int(cfg["vision"]["num_views"]), "patches": patches}
     views, side, regions = local_geometry(geometry, local_features)
     out = Path(out).expanduser()
-    source = Path(source).expanduser()
+    if not from_source:
+        source = Path(source).expanduser()
     store = StoreWriter(out, fingerprint=fingerprint, embed_dim=int(cfg["embed_dim"]), local_mode=local_features,
                         local_regions=regions, resume=resume,
-                        info={"engine": str(engine_dir), "source": str(source),
+                        info={"engine": str(engine_dir),
+                              "source": source.description if from_source else str(source),
                               "engine_backend": manifest.get("backend"), "engine_precision": manifest.get("precision")})
 
     scan_errors: list[dict] = []
-    tasks, metas = collect_studies(source, fmt, out, workers, _salt(salt_file), scan_errors, progress)
+    if from_source:
+        tasks, metas = source.collect(out, workers, _salt(salt_file), scan_errors, progress, store.done())
+    else:
+        tasks, metas = collect_studies(source, fmt, out, workers, _salt(salt_file), scan_errors, progress)
     store.write_scan_errors(scan_errors)
     # one row per study key: a key seen twice in the source is an error, not a silent overwrite
     seen: set[str] = set()
@@ -613,7 +675,8 @@ def embed_archive(source: str | os.PathLike, engine_dir: str | os.PathLike, out:
             try:
                 stage = EngineStage(engine, local_features)
                 embedded, failed = _run_local(tasks, metas_by_key, engine, stage, writer, workers=workers,
-                                              batch_size=batch_size, fingerprint=fingerprint, bar=bar)
+                                              batch_size=batch_size, fingerprint=fingerprint, bar=bar,
+                                              read=source.reader() if from_source else None)
             finally:
                 engine.close()
         elif tasks:

@@ -195,6 +195,18 @@ def scan_file(root: str, rel: str, size: int, mtime_ns: int, salt: bytes | None)
     except Exception as exc:  # truncated or corrupt header: pydicom raises many kinds
         row["error"] = f"unreadable DICOM header ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         return row
+    return header_row(ds, path=rel, file_size=size, mtime_ns=mtime_ns, salt=salt)
+
+
+def header_row(ds: Any, *, path: str, file_size: int | None, mtime_ns: int | None = None,
+               salt: bytes | None = None, transfer_syntax: str | None = None) -> dict:
+    """One manifest row from a header already read: a pydicom Dataset, or a mapping of DICOM
+    keyword -> value such as Orthanc's ``/instances/{id}/tags?simplify`` (multiple values as one
+    backslash-joined string, sequences as lists of such mappings). Both give the same row, so a
+    PACS source applies exactly the view rules and refusals of a DICOM tree on disk.
+    transfer_syntax: for a header without file meta information (a mapping)."""
+    row: dict[str, Any] = dict.fromkeys(MANIFEST_SCHEMA.names)
+    row.update(path=path, file_size=file_size, mtime_ns=mtime_ns)
     meta = getattr(ds, "file_meta", None)
     decision = classify(ds)
     row.update(
@@ -211,7 +223,7 @@ def scan_file(root: str, rel: str, size: int, mtime_ns: int, salt: bytes | None)
         view_label=decision.label,
         instance_number=_int(ds, "InstanceNumber"),
         photometric_interpretation=_text(ds, "PhotometricInterpretation"),
-        transfer_syntax=_text(meta, "TransferSyntaxUID") if meta else None,
+        transfer_syntax=_text(meta, "TransferSyntaxUID") if meta else transfer_syntax,
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         bits_allocated=_int(ds, "BitsAllocated"),

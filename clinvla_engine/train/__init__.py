@@ -12,6 +12,16 @@ Bad input: a study whose image cannot be decoded is skipped (its batch slot goes
 study), logged to stderr and to metrics.jsonl with its path and reason, and counted; the run stops
 when more than ``max_bad_fraction`` (``--max-bad-fraction``, default 1%) of the studies are bad.
 
+Recipe knobs (config.py has the details): ``train.lateral_dropout`` (a present lateral is left out
+of a training step with this probability), ``vision.fusion`` (mean | gate | attention),
+``loss.local_words`` (all | content: the local loss over content words only, the mask made once
+per text in the collate, collate.py), ``loss.local_start_step`` / ``local_ramp_steps`` (the local
+weight ramped in), ``train.locked_text_heads`` (the text heads train during the locked phase),
+``vision.init_from`` + ``vision.frozen`` (start from a pretrained image tower, frozen or not).
+
+``clinvla pretrain`` (pretrain.py): MAE pre-training of the image tower on the archive's images
+alone, both views, with the same run folder, checkpoints and resume as training.
+
 Locked-text warm-up (``train.locked_text_steps``, LiT-style): the first steps train the image side
 against a frozen text tower whose outputs are computed once per training report; then the text
 adapters, norms and heads join, on a learning-rate schedule of their own over the remaining steps.
@@ -24,17 +34,21 @@ Modules: schedule.py (sampler, parameter groups, learning-rate curve), locked_te
 locked-text forward and features), run_dir.py (the output folder: checkpoints, resume, metrics)
 and trainer.py (the Trainer: setup, train_step, optimizer_step, evaluate, save, fit).
 """
+from .collate import TrainCollate
 from .locked_text import LockedTextFeatures, LockedTextForward
 from .run_dir import CHECKPOINTS_DIR, STATE_NAME, RunDirectory, TrainError
 from .schedule import (
+    TEXT_HEAD_PREFIXES,
     TEXT_PREFIXES,
     GlobalBatchSampler,
     autocast_dtype,
+    drop_laterals,
     lr_lambda,
     param_groups,
     seed_everything,
 )
 from .trainer import Trainer, TrainResult, check_settings, train
+from .pretrain import PretrainTrainer, mae_visible_tokens, pretrain
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -43,11 +57,17 @@ __all__ = [
     "LockedTextForward",
     "RunDirectory",
     "STATE_NAME",
+    "TEXT_HEAD_PREFIXES",
     "TEXT_PREFIXES",
+    "TrainCollate",
+    "PretrainTrainer",
     "TrainError",
     "TrainResult",
     "Trainer",
     "autocast_dtype",
+    "drop_laterals",
+    "mae_visible_tokens",
+    "pretrain",
     "check_settings",
     "lr_lambda",
     "param_groups",

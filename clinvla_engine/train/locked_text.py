@@ -13,9 +13,10 @@ from ..model import ClinVLA, ClinVLAOutput
 
 
 class LockedTextForward(torch.nn.Module):
-    """ClinVLA.forward with the text side given: the training forward of the locked-text phase
-    (train.locked_text_steps). Only the image side runs with autograd; the text embeddings, words
-    and word mask come from the frozen text tower (cached or computed without autograd)."""
+    """ClinVLA.forward with the locked text tower's outputs given: the training forward of the
+    locked-text phase (train.locked_text_steps). The image side runs with autograd, and so do the
+    text projection heads on the tower's hidden states (they train from step 1 when
+    train.locked_text_heads is on; otherwise their parameters are frozen and nothing flows)."""
 
     def __init__(self, model: ClinVLA):
         super().__init__()
@@ -26,14 +27,16 @@ class LockedTextForward(torch.nn.Module):
         frontal: torch.Tensor,  # (B, 3, H, W)
         lateral: torch.Tensor | None,  # (B, 3, H, W)
         lateral_present: torch.Tensor | None,  # (B,) bool
-        text_emb: torch.Tensor,  # (B, E) L2-normalised
-        words: torch.Tensor,  # (B, T, E)
-        word_mask: torch.Tensor,  # (B, T) bool
+        cls_hidden: torch.Tensor,  # (B, W_text) the tower's [CLS] output
+        word_hidden: torch.Tensor,  # (B, T, W_text) its word outputs
+        word_mask: torch.Tensor,  # (B, T) bool: the words the local loss sees
     ) -> ClinVLAOutput:
         m = self.model
         image_emb, regions, region_mask, cls, patches, keep_idx = m._encode_images(
             frontal, lateral, lateral_present, m.config.vision.mask_ratio, False
         )
+        text_emb = F.normalize(m.text_global_head(cls_hidden), dim=-1)
+        words = m.text_local_head(word_hidden)
         logit_scale, tau = m.temperatures()
         mim = None
         if m.decoder is not None and keep_idx is not None and m.config.loss.mim_weight > 0:
@@ -44,45 +47,58 @@ class LockedTextForward(torch.nn.Module):
 
 
 class LockedTextFeatures:
-    """The outputs of the frozen text tower during the locked-text phase: either computed once for
+    """The locked text tower's hidden states during the locked-text phase: either computed once for
     every training report (cache=True; the report as written) and looked up by dataset index, or
-    computed for each batch without autograd (its texts as the loader gives them, shuffled)."""
+    computed for each batch without autograd (its texts as the loader gives them, shuffled).
+
+    content=True narrows the word mask to the content words (loss.local_words = "content"): from
+    the cached reports' own tokenization, or from the batch's ``content_mask`` (the collate's)."""
 
     def __init__(self, model: ClinVLA, studies: Sequence[Study], cache: bool, device: torch.device,
-                 amp_dtype: torch.dtype | None, batch_size: int = 64):
-        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+                 amp_dtype: torch.dtype | None, batch_size: int = 64, content: bool = False):
+        self.model, self.device, self.amp_dtype, self.content = model, device, amp_dtype, content
         self.cache = None
         if cache:
             texts = [report_text(s.report) for s in studies]
             width = model.config.text.max_length - 1  # word positions ([CLS] excluded)
-            embs, words, masks = [], [], []
+            heads, words, masks = [], [], []
             for i in range(0, len(texts), batch_size):
-                e, w, wm = self._encode(*model.tokenizer(texts[i:i + batch_size]))
-                embs.append(e.cpu())
+                ids, att, content_mask = model.tokenizer(texts[i:i + batch_size], content_mask=True)
+                c, w, wm = self._encode(ids, att, content_mask if content else None)
+                heads.append(c.cpu())
                 words.append(F.pad(w.cpu(), (0, 0, 0, width - w.shape[1])))
                 masks.append(F.pad(wm.cpu(), (0, width - wm.shape[1]), value=False))
-            self.cache = (torch.cat(embs), torch.cat(words), torch.cat(masks))
+            self.cache = (torch.cat(heads), torch.cat(words), torch.cat(masks))
 
     @torch.no_grad()
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor):
-        text = self.model.text
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor, content_mask: torch.Tensor | None):
+        model = self.model
+        text = model.text
         was_training = text.training
         text.eval()  # a locked tower is deterministic: no dropout
+        ids, mask = ids.to(self.device), mask.to(self.device)
         try:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                e, w, wm = self.model.encode_text((ids.to(self.device), mask.to(self.device)), return_local=True)
+                hidden = text(ids, mask)
         finally:
             text.train(was_training)
-        return e.float(), w.float(), wm
+        word_mask = model._word_mask(ids, mask)
+        if content_mask is not None:
+            word_mask = word_mask & content_mask[:, 1:].to(self.device)
+        return hidden[:, 0].float(), hidden[:, 1:].float(), word_mask
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(text_emb (B, E), words (B, T, E), word_mask (B, T)) for a collated batch."""
+        """(cls_hidden (B, W_text), word_hidden (B, T, W_text), word_mask (B, T)) for a collated batch."""
         if self.cache is None:
-            return self._encode(batch["input_ids"], batch["attention_mask"])
+            if self.content and "content_mask" not in batch:
+                raise ValueError("loss.local_words = 'content' needs the batch's content_mask (collate with "
+                                 "clinvla_engine.train.TrainCollate)")
+            return self._encode(batch["input_ids"], batch["attention_mask"],
+                                batch["content_mask"] if self.content else None)
         idx = batch["index"]
-        emb, words, mask = (t[idx] for t in self.cache)
+        cls_hidden, words, mask = (t[idx] for t in self.cache)
         real = mask.any(dim=0).nonzero()
         t = int(real.max()) + 1 if real.numel() else 1  # drop the columns that are padding in every row
         dev = self.device
-        return emb.to(dev), words[:, :t].to(dev), mask[:, :t].to(dev)
+        return cls_hidden.to(dev), words[:, :t].to(dev), mask[:, :t].to(dev)

@@ -70,6 +70,7 @@ class RunDirectory:
         self.checkpoints = self.out / CHECKPOINTS_DIR
         self.metrics_path = self.out / METRICS_NAME
         self._pending: list[dict] | None = []  # records logged before begin(): written by begin()
+        self.meta_extra: dict[str, str] = {}  # more checkpoint metadata (e.g. the pretraining stage)
 
     # ---- starting -------------------------------------------------------------------------------
     def check_fresh(self) -> None:
@@ -202,7 +203,8 @@ class RunDirectory:
         tmp = temp_name(final)
         tmp.mkdir()
         try:
-            save_checkpoint(model, tmp / WEIGHTS_NAME, extra={"step": str(step), "checkpoint_id": checkpoint_id})
+            save_checkpoint(model, tmp / WEIGHTS_NAME,
+                            extra={**self.meta_extra, "step": str(step), "checkpoint_id": checkpoint_id})
             with atomic_output(tmp / STATE_NAME) as f:
                 torch.save({**state, "step": step, "checkpoint_id": checkpoint_id}, f)
             fsync_dir(tmp)

@@ -53,12 +53,16 @@ class GlobalBatchSampler(Sampler):
 
 
 TEXT_PREFIXES = ("text.", "text_global_head.", "text_local_head.")
+TEXT_HEAD_PREFIXES = ("text_global_head.", "text_local_head.")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, text_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, text_lr_scale: float = 1.0,
+                 text_heads_apart: bool = False) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases, embeddings (token, position, CLS, view) and
-    temperatures; the text tower (adapters, norms, heads) at lr * text_lr_scale."""
-    groups: dict[tuple[bool, bool], list] = {}
+    temperatures; the text tower (adapters, norms, heads) at lr * text_lr_scale. Each group says
+    its "tower": "image", "text", or with text_heads_apart "text_head" for the text projection
+    heads (which then follow the image side's schedule: they train during the locked phase)."""
+    groups: dict[tuple[bool, str], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -70,12 +74,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, text_lr
             or "mask_token" in name
             or name in ("logit_scale", "log_tau")
         )
-        groups.setdefault((no_decay, name.startswith(TEXT_PREFIXES)), []).append(p)
+        tower = "image"
+        if text_heads_apart and name.startswith(TEXT_HEAD_PREFIXES):
+            tower = "text_head"
+        elif name.startswith(TEXT_PREFIXES):
+            tower = "text"
+        groups.setdefault((no_decay, tower), []).append(p)
     return [
         {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
-         "lr": lr * (text_lr_scale if text else 1.0), "tower": "text" if text else "image"}
-        for (no_decay, text), params in sorted(groups.items())
+         "lr": lr * (1.0 if tower == "image" else text_lr_scale), "tower": tower}
+        for (no_decay, tower), params in sorted(groups.items())
     ]
+
+
+def drop_laterals(present: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) bool: `present` with each present lateral dropped with probability p (train.lateral_dropout).
+    The draw is made on the CPU (global RNG unless `generator`), so a resumed run repeats it."""
+    if p <= 0:
+        return present
+    keep = torch.rand(present.shape[0], generator=generator) >= p
+    return present & keep.to(present.device)
 
 
 def lr_lambda(cfg, start: int = 0) -> Callable[[int], float]:

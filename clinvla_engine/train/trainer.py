@@ -16,13 +16,16 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist_utils
 from ..backends import resolve_device
 from ..config import ClinVLAConfig, load_config
-from ..data.dataset import BadStudyLog, Collate, StudyDataset, check_max_bad_fraction
+from ..data.dataset import BadStudyLog, StudyDataset, check_max_bad_fraction
 from ..data.study import DatasetError, Study
 from ..losses.objective import training_losses
 from ..model import ClinVLA, create_model, load_checkpoint
+from ..losses.objective import local_weight_at
+from .collate import TrainCollate
 from .locked_text import LockedTextFeatures, LockedTextForward
 from .run_dir import Resumed, RunDirectory, TrainError
-from .schedule import TEXT_PREFIXES, GlobalBatchSampler, autocast_dtype, lr_lambda, param_groups, seed_everything
+from .schedule import (TEXT_HEAD_PREFIXES, TEXT_PREFIXES, GlobalBatchSampler, autocast_dtype, drop_laterals,
+                       lr_lambda, param_groups, seed_everything)
 
 
 @dataclass
@@ -150,10 +153,7 @@ class Trainer:
 
         # model, optimizer, schedule
         seed_everything(tc.seed + self.rank)
-        if resumed is not None:
-            model = load_checkpoint(resumed.weights)  # the model is the checkpoint's; training settings may change
-        else:
-            model = create_model(cfg, verbose=self.main)
+        model = self._build_model(cfg, resumed)
         model.config.train = cfg.train
         self.cfg = cfg = model.config  # now with the text encoder's BertConfig recorded
         model.to(dev)
@@ -161,14 +161,17 @@ class Trainer:
         if self.main and resumed is not None:
             print(model.describe_parameters())
         self.model = model
-        self.optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.text_lr_scale), lr=tc.lr,
-                                           betas=tuple(tc.betas))
         self.locked_steps = tc.locked_text_steps
+        # the text heads train during the locked phase (train.locked_text_heads), on the image schedule
+        heads_apart = bool(self.locked_steps and tc.locked_text_heads)
+        self.optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr, tc.text_lr_scale, heads_apart),
+                                           lr=tc.lr, betas=tuple(tc.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             [lr_lambda(tc, self.locked_steps if g["tower"] == "text" else 0) for g in self.optimizer.param_groups],
         )
-        self.text_params = [p for n, p in model.named_parameters() if n.startswith(TEXT_PREFIXES) and p.requires_grad]
+        locked_prefixes = TEXT_PREFIXES if not heads_apart else tuple(p for p in TEXT_PREFIXES if p not in TEXT_HEAD_PREFIXES)
+        self.text_params = [p for n, p in model.named_parameters() if n.startswith(locked_prefixes) and p.requires_grad]
         if resumed is not None:
             self._load_state(resumed.state)
 
@@ -181,7 +184,7 @@ class Trainer:
         self.total_steps = tc.max_steps
         if tc.epochs is not None:
             self.total_steps = min(self.total_steps, tc.epochs * steps_per_epoch)
-        self.collate = Collate(model.tokenizer)
+        self.collate = self._make_collate(model)
         self.amp_dtype = autocast_dtype(tc.amp, dev)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if tc.center_heads and resumed is None:
@@ -193,6 +196,15 @@ class Trainer:
     @property
     def out_dir(self) -> Path:
         return Path(self._out)
+
+    # ---- what a subclass (the MAE pretrainer) replaces ------------------------------------------
+    def _build_model(self, cfg: ClinVLAConfig, resumed: Resumed | None) -> ClinVLA:
+        if resumed is not None:
+            return load_checkpoint(resumed.weights)  # the model is the checkpoint's; training settings may change
+        return create_model(cfg, verbose=self.main)
+
+    def _make_collate(self, model: ClinVLA):
+        return TrainCollate(model.tokenizer, content=self.cfg.loss.local_words == "content")
 
     def _center_heads(self) -> None:
         model, dev, two = self.model, self.dev, self.two_views
@@ -259,14 +271,16 @@ class Trainer:
             p.requires_grad_(not locked)
         if locked:
             self.text_features = LockedTextFeatures(self.model, self.train_set.studies, self.tc.locked_text_cache,
-                                                    self.dev, self.amp_dtype)
+                                                    self.dev, self.amp_dtype,
+                                                    content=self.cfg.loss.local_words == "content")
             self.forward_module = self._wrap(LockedTextForward(self.model))
         else:
             self.text_features = None
             self.forward_module = self._wrap(self.model)
         if self.main and self.locked_steps:
             print(f"\nstep {self.step}: text tower {'locked' if locked else 'unlocked'}"
-                  + (" (outputs cached for every training report)" if locked and self.tc.locked_text_cache else ""))
+                  + (" (hidden states cached for every training report)" if locked and self.tc.locked_text_cache else "")
+                  + ("; its projection heads train" if locked and self.tc.locked_text_heads else ""))
         self.phase_locked = locked
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -277,24 +291,35 @@ class Trainer:
             self._set_phase(locked)
         frontal = batch["frontal"].to(dev, non_blocking=True)
         lateral = batch["lateral"].to(dev, non_blocking=True) if self.two_views else None
-        present = batch["lateral_present"].to(dev, non_blocking=True) if self.two_views else None
+        present = None
+        if self.two_views:  # train.lateral_dropout: some present laterals are left out for this step
+            present = drop_laterals(batch["lateral_present"], tc.lateral_dropout).to(dev, non_blocking=True)
+        content = batch.get("content_mask") if self.cfg.loss.local_words == "content" else None
         with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             if locked:
                 output = self.forward_module(frontal, lateral, present, *self.text_features(batch))
             else:
+                if self.cfg.loss.local_words == "content" and content is None:
+                    raise TrainError("loss.local_words = 'content' needs a content_mask in every batch "
+                                     "(clinvla_engine.train.TrainCollate makes it)")
                 output = self.forward_module(
                     frontal,
                     batch["input_ids"].to(dev, non_blocking=True),
                     batch["attention_mask"].to(dev, non_blocking=True),
                     lateral,
                     present,
+                    loss_word_mask=None if content is None else content[:, 1:].to(dev, non_blocking=True),
                 )
-            losses = training_losses(output, self.cfg.loss)
+            losses = training_losses(output, self.cfg.loss, step=self.step)
         loss = losses["loss"] / tc.grad_accum
         if not torch.isfinite(loss):
             raise TrainError(f"loss became {loss.item()} at step {self.step}; lower train.lr or check the data")
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         return losses
+
+    def _step_info(self, step: int) -> dict:
+        """Extra fields of a log record about optimizer step `step` (0-based)."""
+        return {"local_weight": local_weight_at(self.cfg.loss, step)}
 
     def optimizer_step(self) -> float:
         """Clips, steps the optimizer and the schedule; returns the gradient norm."""
@@ -361,7 +386,8 @@ class Trainer:
         samples_seen = 0
         last_loss = float("nan")
         window: dict[str, float] = {}
-        window_n = window_samples = 0
+        counts: dict[str, int] = {}  # per loss: a step with local weight 0 has no "local"
+        window_samples = 0
         window_t = time.perf_counter()
         self.phase_locked: bool | None = None  # the phase the forward module was set up for
         self.forward_module = self.text_features = None
@@ -377,7 +403,7 @@ class Trainer:
                 micro += 1
                 for k, val in losses.items():
                     window[k] = window.get(k, 0.0) + float(val.detach())
-                window_n += 1
+                    counts[k] = counts.get(k, 0) + 1
                 samples_seen += tc.batch_size * world
                 window_samples += tc.batch_size * world
                 if micro < tc.grad_accum:
@@ -385,7 +411,7 @@ class Trainer:
                 micro = 0
                 grad_norm = self.optimizer_step()
                 step = self.step
-                last_loss = window["loss"] / window_n
+                last_loss = window["loss"] / counts["loss"]
                 bar.update(1)
                 if step % tc.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - window_t
@@ -395,11 +421,11 @@ class Trainer:
                                             if g.get("tower") == "text"), 0.0),
                            "grad_norm": grad_norm, "samples_per_s": window_samples / max(elapsed, 1e-9),
                            "logit_scale": float(self.model.temperatures()[0].detach()),
-                           "time_s": time.perf_counter() - t_start}
-                    rec.update({k: dist_utils.all_reduce_mean(val / window_n) for k, val in window.items()})
+                           "time_s": time.perf_counter() - t_start, **self._step_info(step - 1)}
+                    rec.update({k: dist_utils.all_reduce_mean(val / counts[k]) for k, val in window.items()})
                     self.log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.1f}")
-                    window, window_n, window_t, window_samples = {}, 0, time.perf_counter(), 0
+                    window, counts, window_t, window_samples = {}, {}, time.perf_counter(), 0
                 # the last evaluation comes before the last save, so that a resumed finished run has
                 # nothing left to do and its log holds the final validation once
                 if tc.eval_every and (step % tc.eval_every == 0 or step == total):

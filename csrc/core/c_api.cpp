@@ -58,6 +58,13 @@ clinvla::AllowList to_allow(const clinvla_allow* a) {
 
 }  // namespace
 
+namespace clinvla {
+namespace detail {
+// libclinvla's C functions (engine, tokenizer, DICOM, view rules) report through the same string.
+void set_last_error(const std::string& message) { g_last_error = message; }
+}  // namespace detail
+}  // namespace clinvla
+
 extern "C" {
 
 const char* clinvla_version(void) { return clinvla::version(); }

@@ -14,6 +14,9 @@
 namespace clinvla {
 namespace detail {
 
+// The calling thread's clinvla_last_error() message (defined in c_api.cpp).
+void set_last_error(const std::string& message);
+
 template <typename... Args>
 std::string cat(Args&&... args) {
   std::ostringstream os;

@@ -45,24 +45,58 @@ mid zone), with a raised hemidiaphragm when moderate or severe; cardiomegaly = t
 about its right upper base (wider on the frontal, deeper on the lateral); edema = bilateral
 perihilar haze plus interstitial (Kerley B) septal plates; pleural effusion = fluid filling the
 pleural space below a meniscus that climbs the lateral wall, from the lowest point of the space
-upwards; a small effusion only fills the posterior gutter (wide, thin, shallow), so it shows on
-the lateral view and barely on the frontal; pneumothorax = the lung shrunk towards its base and
-hilum, leaving an apical/lateral rim of air without vessels and a thin visceral pleural line;
-fracture = a cleft and a step in one rib's posterior arc.
+upwards; pneumothorax = the lung shrunk towards its base and hilum, leaving an apical/lateral rim
+of air without vessels and a thin visceral pleural line; fracture = a cleft and a step in one
+rib's posterior arc.
+
+*Findings a reader needs the lateral for* (`records.LATERAL_SITES`, the finding's `site`): a small
+pleural effusion is a meniscus in the posterior costophrenic sulcus ("posterior sulcus": wide
+across the chest, thin front to back, about 2.5-3 cm high); consolidation or atelectasis placed
+"retrocardiac" (left lower lobe behind the heart), "posterior basal" (the lower lobe behind the
+diaphragm dome) or, for consolidation, "retrosternal" (anterior upper lobe behind the sternum,
+next to the mediastinum). Each is wide along the lateral view's rays and thin along the
+frontal's (version 2.1: half-thickness 0.45-0.6 cm, an airless core, 1.6x wider and 1.25x taller than
+in 2.0; a small effusion's meniscus 3.4-4.4 cm high), and lies where the frontal sees it through the
+heart, the dome or the mediastinum: on
+the frontal a faint broad haze (below the visibility threshold; the radiograph processing flattens
+broad changes), on the lateral a compact dense opacity. These are the test bed's own geometry,
+chosen so that the two views carry different information, as they do in practice. With a lateral
+view, 60% of consolidations, 50% of atelectases and every small effusion take such a site
+(`SITE_RATE`): about 30% of the finding-positive studies with a lateral hold a lateral-needed
+finding. Studies without a lateral get none (a small effusion is drawn moderate), so their reports
+still mention only what a view shows. *Frontal-favoured* kinds: rib fractures (always) and apical
+pneumothoraces (when the lateral measurably misses the rim, mostly small ones at 128 px).
 
 *Visibility per view* is measured, not assumed: each finding's own contribution is rendered as a
 separate layer, and a finding is visible in a view when removing it changes at least 0.4 cm^2 of
 the displayed image by more than 8% of the grey range (a rib break, a small sharp edge: 0.12 cm^2
-by 3.5%); the frontal bounding box (pixels of the written image) covers where it changes the
-image by more than a quarter of its peak change. One rule overrides the measurement: a rib
+by 3.5%); each view's bounding box (pixels of the written image, `bbox_frontal`, `bbox_lateral`)
+covers where it changes that view by more than a quarter of its peak change. One rule overrides the measurement: a rib
 fracture is never marked visible on the lateral view, where the ribs of both sides overlap (the
 measurement cannot see clutter). In an archive, a finding that no view of its study shows is
 redrawn one grade more severe (at most twice), since its report describes it.
 
 *Reports* come from `reports.write_report` (FINDINGS/IMPRESSION with varied wording, negations,
-hedges) and the label files follow the report, not the truth: a hedged finding is -1.0.
-`synth_truth.jsonl` keeps what was drawn (label, side, zone, severity, visibility, frontal box;
-plus, beyond FORMATS.md, `bboxes_frontal` per side, `rib`, and the study's `view_position`).
+hedges) and the label files follow the report, not the truth: a hedged finding is -1.0. A positive
+sentence carries the finding's side, zone/site and size words ("small right posterior pleural
+effusion", "moderate retrocardiac left lower lobe consolidation", "left 7th posterior rib
+fracture", "large left apical pneumothorax"). About a third of the reports that name a finding's
+word negate it (most name it because it is there), about 10% of reports hedge one, and 99.9% fit
+in 96 tokens of the `small` preset's tokenizer (median about 42).
+`synth_truth.jsonl` keeps what was drawn: label, side, zone, site, severity, visible_frontal,
+visible_lateral, `lateral_needed` (placed at a lateral-needed site AND measured visible on the
+lateral only), `frontal_favoured` (a fracture or pneumothorax measured visible on the frontal
+only), `bbox_frontal`, `bbox_lateral` (null where that view does not show it), `bboxes_frontal` per
+side, `rib`, and the study's `view_position`.
+
+*Probe* (`probe.py`, `tools/probe_views.py`): a linear probe (L2 logistic regression on local-contrast
+features, cross-fitted by patient) per view setting (frontal, lateral, both) checks whether the
+lateral-needed findings are detectable from the lateral and not the frontal, before any contrastive
+training; `generate_archive(mix="probe")` writes an archive with enough studies of each stratum.
+Measured (synth 2.1, probe mix, 1,500 studies at 128 px): lateral-needed from the lateral AUROC 0.80
+[0.78, 0.83], from the frontal 0.56; at 64 px 0.69 vs 0.54 (the lateral band is thin). The
+frontal-favoured stratum is not shown by this probe (about 0.6 from either view; it cannot see rib
+breaks). See probe.py for the numbers and tests/test_probe_views.py for the bars.
 
 Class mix (`CLASS_MIX`): 20% No Finding, 55% exactly one of the eight findings (evenly spread),
 25% two findings from plausible pairs; assigned by stratified counts, so an archive of n studies

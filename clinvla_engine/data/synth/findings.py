@@ -52,7 +52,56 @@ def _add_cardiomegaly(sc, g, f, rng, i):
     g["heart_ex"] = big
 
 
+# Lateral-needed placements (records.LATERAL_SITES): an opacity wide across the chest (along the
+# lateral view's rays) and thin front to back (along the frontal's), in lung that the frontal view
+# sees through the heart, the diaphragm dome or the mediastinum. On the frontal it is a faint, broad
+# haze over a dense shadow, which the radiograph processing flattens further; on the lateral a
+# compact dense opacity (over the lower spine, in the posterior sulcus, in the retrosternal space).
+SITE_OPACITY = ("retrocardiac", "posterior basal", "retrosternal")
+# The opacity's half-thickness front to back (cm), the density of its airless core and of its soft
+# margin (fractions of AIRLESS), and how far it may tilt out of the coronal plane (radians at gain 1).
+# Thin and fully airless so that the frontal sees little more than a faint broad haze (peak change
+# about 0.05 of the grey range, below VISIBILITY) while the lateral shows 0.16-0.30 at 64 px;
+# measured on same-patient, same-pose pairs with and without the finding (probe.py's docstring).
+SITE_THICKNESS = (0.45, 0.6)
+SITE_DENSITY = (1.0, 0.1)
+SITE_TILT = 0.06
+SITE_DEPTH = {"retrocardiac": -0.62, "posterior basal": -0.8, "retrosternal": 0.62}  # centre z / lung semi z
+SITE_SPREAD = (1.6, 1.25)  # scales the half-width across the chest (x) and the half-height (y)
+SITE_GAIN = {"Consolidation": {"small": 0.8, "moderate": 1.0, "large": 1.2},
+             "Atelectasis": {"mild": 0.8, "moderate": 1.0, "severe": 1.2}}
+
+
+def _site_center(g: dict, s: int, site: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, semi-axes) of a lateral-needed opacity on side s at this site."""
+    c, semi = g["lung_center"][s], g["lung_semi"][s]
+    top = g["dome_top"][s]
+    if site == "retrocardiac":  # left lower lobe, medial, behind the heart, above the dome
+        p = (c[0] - s * 0.45 * semi[0], top - rng.uniform(2.2, 3.2), c[2] + SITE_DEPTH[site] * semi[2])
+        half = (rng.uniform(3.2, 3.8), rng.uniform(2.4, 3.0), rng.uniform(*SITE_THICKNESS))
+    elif site == "posterior basal":  # posterior basal segment: the lung behind and below the dome top
+        p = (c[0] + s * rng.uniform(-0.1, 0.15) * semi[0], top + rng.uniform(0.2, 1.0), c[2] + SITE_DEPTH[site] * semi[2])
+        half = (rng.uniform(3.4, 4.0), rng.uniform(2.4, 3.0), rng.uniform(*SITE_THICKNESS))
+    else:  # retrosternal: anterior lung just behind the sternum, next to the midline
+        p = (c[0] - s * 0.72 * semi[0], c[1] - 0.3 * semi[1] + rng.uniform(-1.0, 1.0), c[2] + SITE_DEPTH[site] * semi[2])
+        half = (rng.uniform(3.2, 3.8), rng.uniform(3.0, 3.6), rng.uniform(*SITE_THICKNESS))
+    return np.array(p), np.array(half) * (SITE_SPREAD[0], SITE_SPREAD[1], 1.0)
+
+
+def _add_site_opacity(sc, g, f, rng, i) -> None:
+    s = _sides(f)[0]
+    p, half = _site_center(g, s, f.site, rng)
+    gain = SITE_GAIN[f.label].get(f.severity, 1.0)
+    core = sc.ell(p, half * gain, rotation(*rng.uniform(-SITE_TILT, SITE_TILT, 3)))
+    _clip_lung(sc, g, s, AIRLESS * SITE_DENSITY[0], [core], (i, 0))
+    rim = sc.ell(p + rng.normal(0, 0.25, 3) * (1.0, 1.0, 0.5), half * gain * (1.25, 1.2, 1.0),
+                 rotation(*rng.uniform(-1.6 * SITE_TILT, 1.6 * SITE_TILT, 3)))
+    _clip_lung(sc, g, s, AIRLESS * SITE_DENSITY[1], [rim], (i, 0))  # a soft margin
+
+
 def _add_consolidation(sc, g, f, rng, i):
+    if f.site in SITE_OPACITY:
+        return _add_site_opacity(sc, g, f, rng, i)
     s = _sides(f)[0]
     p = _zone_point(sc, g, s, f.zone or "lower", rng)
     size = {"small": 1.9, "moderate": 3.0, "large": 4.4}[f.severity] * rng.uniform(0.9, 1.1)
@@ -82,6 +131,8 @@ def _add_pneumonia(sc, g, f, rng, i):
 
 
 def _add_atelectasis(sc, g, f, rng, i):
+    if f.site in SITE_OPACITY:
+        return _add_site_opacity(sc, g, f, rng, i)
     th = {"mild": 0.2, "moderate": 0.3, "severe": 0.45}[f.severity]
     lift = {"mild": 0.0, "moderate": 1.1, "severe": 2.0}[f.severity] if f.zone == "lower" else 0.0
     for part, s in enumerate(_sides(f)):
@@ -119,8 +170,14 @@ def _add_edema(sc, g, f, rng, i):
             sc.add(dens, [sc.ell(p, (1.0, r, 1.8)), g["lung"][s]], [g["dome"][s]], (i, part))
 
 
+# a small effusion's fluid in the posterior costophrenic sulcus: (forward offset of the gutter cm,
+# its half-thickness front to back cm, the meniscus height above the sulcus floor cm, the gutter's
+# half-height cm)
+GUTTER = (0.2, 0.55, (3.4, 4.4), 4.2)
+
+
 def _add_effusion(sc, g, f, rng, i):
-    depth = {"small": (1.4, 2.0), "moderate": (6.0, 7.5), "large": (10.5, 13.0)}[f.severity]
+    depth = {"small": GUTTER[2], "moderate": (6.0, 7.5), "large": (10.5, 13.0)}[f.severity]
     for part, s in enumerate(_sides(f)):
         c, semi = g["lung_center"][s], g["lung_semi"][s]
         # the lowest point of the pleural space: sample the lung below the dome top
@@ -142,7 +199,7 @@ def _add_effusion(sc, g, f, rng, i):
         air = sc.ell((c[0] - s * 0.5 * semi[0], level - b, bottom[2] + 2.0), (spread * semi[0], b, spread * semi[2]))
         space = [g["lung"][s]]
         if f.severity == "small":  # a little fluid lies in the posterior gutter: wide, shallow, thin
-            space.append(sc.ell(bottom + (0.0, 0.0, 0.1), (0.95 * semi[0], 3.0, 0.5)))
+            space.append(sc.ell(bottom + (0.0, 0.0, GUTTER[0]), (0.95 * semi[0], GUTTER[3], GUTTER[1])))
         sc.add(AIRLESS, space, [air, g["dome"][s], g["heart_ex"], g["medi"]], (i, part))
 
 

@@ -18,12 +18,13 @@ import numpy as np
 from .. import reports
 from ..archive import SYNTH_MANIFEST
 from ..study import CLASSES
-from .planning import GENERATOR, SPLITS, Planned, check_arguments, plan_studies
+from .planning import GENERATOR, MIXES, SPLITS, Planned, check_arguments, plan_studies
 from .records import Anatomy, RenderedStudy, sample_anatomy, sample_findings
 from .render import render_visible
 from .writers import FILE_LIST, WRITERS, ArchiveFiles
 
-SYNTH_VERSION = "1.0"
+SYNTH_VERSION = "2.1"  # 2.0: lateral-needed sites, lateral boxes, report wording and negation rates;
+# 2.1: thinner, airless lateral-needed opacities (less frontal haze); the "probe" class mix
 MANIFEST = SYNTH_MANIFEST  # the name lives with the loaders, which read it to refuse a partial archive
 TRUTH = "synth_truth.jsonl"
 _MANIFEST_TEMP = f".{MANIFEST}."  # prefix of the manifest's temporary names (see _write_manifest)
@@ -79,9 +80,10 @@ def _prepare_out(out: Path) -> None:
             folder.rmdir()
 
 
-def _manifest(seed, studies, fmt, size, lateral_fraction, fractions, complete: bool, summary=None) -> str:
+def _manifest(seed, studies, fmt, size, lateral_fraction, fractions, complete: bool, summary=None,
+              mix: str = "archive") -> str:
     return json.dumps({"generator": GENERATOR, "version": SYNTH_VERSION, "seed": seed, "studies": studies,
-                       "format": fmt, "size": size, "lateral_fraction": lateral_fraction,
+                       "format": fmt, "size": size, "lateral_fraction": lateral_fraction, "mix": mix,
                        "split_fractions": list(fractions), "complete": complete, "summary": summary}, indent=2)
 
 
@@ -94,7 +96,8 @@ def _render_planned(job: tuple[int, int, Planned]) -> tuple[Anatomy, RenderedStu
     not depend on which process renders it or in which order."""
     seed, size, p = job
     anatomy = sample_anatomy(np.random.default_rng([seed, 1, p.subject]))
-    findings = sample_findings(np.random.default_rng([seed, 2, p.index]), list(p.labels), lateral=p.has_lateral)
+    findings = sample_findings(np.random.default_rng([seed, 2, p.index]), list(p.labels), lateral=p.has_lateral,
+                               lateral_site=p.lateral_site)
     rendered = render_visible(anatomy, findings, size, [seed, 3, p.index], p.has_lateral, p.view_position)
     report = reports.write_report(rendered.findings, np.random.default_rng([seed, 4, p.index]),
                                   has_lateral=p.has_lateral)
@@ -110,19 +113,20 @@ def default_workers() -> int:
 
 def generate_archive(out: str | Path, studies: int, seed: int, fmt: str = "mimic", size: int = 256,
                      lateral_fraction: float = 0.85, split_fractions=(0.8, 0.1, 0.1), progress: bool = True,
-                     workers: int | None = None) -> dict:
+                     workers: int | None = None, mix: str = "archive") -> dict:
     """Write a synthetic archive of `studies` studies in format `fmt` into folder `out`.
 
     The same arguments give the same files (CSVs, reports and pixels), whatever `workers` is: the
     studies are rendered by `workers` processes (default: one per available core; archives under
     PARALLEL_MIN_STUDIES studies render in this process) and written here in order. `out` must be
     new, empty, or a previous synthetic archive (whose files, and only those, are replaced).
-    Returns a summary: counts per class (drawn findings), per split, of exclusively positive
+    `mix` picks the class mix (planning.MIXES): "archive" (CLASS_MIX) or "probe" (PROBE_MIX, for the
+    per-view probe). Returns a summary: counts per class (drawn findings), per split, of exclusively positive
     studies per class (from the labels), images written, and the time taken.
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
-    fractions = check_arguments(studies, fmt, size, lateral_fraction, split_fractions)
+    fractions = check_arguments(studies, fmt, size, lateral_fraction, split_fractions, mix)
     if fmt in ("dicom", "rsna"):
         try:
             import pydicom  # noqa: F401
@@ -136,8 +140,8 @@ def generate_archive(out: str | Path, studies: int, seed: int, fmt: str = "mimic
     t0 = time.perf_counter()
     archive = ArchiveFiles(out, seed, size)
     archive.claim(MANIFEST)
-    _write_manifest(out, _manifest(seed, 0, fmt, size, lateral_fraction, fractions, complete=False))
-    plan = plan_studies(studies, seed, fmt, float(lateral_fraction), fractions)
+    _write_manifest(out, _manifest(seed, 0, fmt, size, lateral_fraction, fractions, complete=False, mix=mix))
+    plan = plan_studies(studies, seed, fmt, float(lateral_fraction), fractions, mix)
     writer = WRITERS[fmt](archive)
     per_class = {c: 0 for c in CLASSES}
     per_split = {s: 0 for s in SPLITS}
@@ -182,5 +186,5 @@ def generate_archive(out: str | Path, studies: int, seed: int, fmt: str = "mimic
                "exclusive_positive": exclusive, "workers": workers, "seconds": round(seconds, 2),
                "studies_per_second": round(studies / max(seconds, 1e-9), 1)}
     # the commit point: only now do the loaders accept the archive (see clinvla_engine.data.archive)
-    _write_manifest(out, _manifest(seed, studies, fmt, size, lateral_fraction, fractions, True, summary))
+    _write_manifest(out, _manifest(seed, studies, fmt, size, lateral_fraction, fractions, True, summary, mix))
     return summary

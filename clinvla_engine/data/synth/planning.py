@@ -15,6 +15,13 @@ from .records import CLASS_MIX, FINDING_LABELS, PAIRS
 
 GENERATOR = "clinvla synth"  # in the manifest, and hashed into every DICOM UID
 SPLITS = ("train", "validate", "test")
+# "archive": CLASS_MIX (the default). "probe": an archive for the per-view probe (probe.py) with many
+# studies of each stratum: normal studies, single findings of the kinds that take a lateral-needed
+# site (placed at one whenever the study has a lateral: records.sample_findings(lateral_site=True)),
+# the frontal-favoured kinds, and a few of the others. Shares of the studies, by stratified counts.
+MIXES = ("archive", "probe")
+PROBE_MIX = ((0.30, ()), (0.40, ("Consolidation", "Atelectasis", "Pleural Effusion")),
+             (0.20, ("Fracture", "Pneumothorax")), (0.10, ("Cardiomegaly", "Edema", "Pneumonia")))
 
 
 @dataclass
@@ -28,9 +35,12 @@ class Planned:
     date: str  # YYYYMMDD
     time: str  # HHMMSS.fff
     ids: dict = field(default_factory=dict)
+    lateral_site: bool = False  # place site-able findings at a lateral-needed site (the probe mix)
 
 
-def check_arguments(studies, fmt, size, lateral_fraction, split_fractions) -> tuple[float, float, float]:
+def check_arguments(studies, fmt, size, lateral_fraction, split_fractions, mix="archive") -> tuple[float, float, float]:
+    if mix not in MIXES:
+        raise ValueError(f"mix={mix!r} is not a class mix; use one of {', '.join(MIXES)}")
     if isinstance(studies, bool) or not isinstance(studies, (int, np.integer)) or studies < 1:
         raise ValueError(f"studies={studies!r}: ask for at least one study (an integer >= 1)")
     if fmt not in FORMATS:
@@ -47,7 +57,18 @@ def check_arguments(studies, fmt, size, lateral_fraction, split_fractions) -> tu
     return fractions
 
 
-def plan_studies(studies: int, seed: int, fmt: str, lateral_fraction: float, fractions) -> list[Planned]:
+def _probe_combos(studies: int) -> list[tuple[str, ...]]:
+    """PROBE_MIX by stratified counts: each kind of a group gets an even share of the group's studies."""
+    combos: list[tuple[str, ...]] = []
+    for k, (share, kinds) in enumerate(PROBE_MIX):
+        n = studies - len(combos) if k == len(PROBE_MIX) - 1 else min(int(round(share * studies)),
+                                                                      studies - len(combos))
+        combos += [(kinds[i % len(kinds)],) if kinds else () for i in range(n)]
+    return combos
+
+
+def plan_studies(studies: int, seed: int, fmt: str, lateral_fraction: float, fractions,
+                 mix: str = "archive") -> list[Planned]:
     rng = np.random.default_rng([seed, 0])
     counts: list[int] = []
     while sum(counts) < studies:  # 1 to 4 studies per patient (RSNA: one image per patient)
@@ -62,6 +83,8 @@ def plan_studies(studies: int, seed: int, fmt: str, lateral_fraction: float, fra
     off_single, off_pair = int(rng.integers(len(FINDING_LABELS))), int(rng.integers(len(PAIRS)))
     combos = ([()] * n_none + [(FINDING_LABELS[(off_single + i) % len(FINDING_LABELS)],) for i in range(n_single)]
               + [PAIRS[(off_pair + i) % len(PAIRS)] for i in range(studies - n_none - n_single)])
+    if mix == "probe":
+        combos = _probe_combos(studies)
     combos = [combos[i] for i in rng.permutation(studies)]
 
     # split by subject: whole patients go to test, then validate, until each has its share
@@ -90,7 +113,8 @@ def plan_studies(studies: int, seed: int, fmt: str, lateral_fraction: float, fra
         seconds, millis = int(rng.integers(6 * 3600, 22 * 3600)), int(rng.integers(1000))
         plan.append(Planned(k, subject, tuple(combos[k]), bool(lateral[k]), view, SPLITS[split_of_subject[subject]],
                              str(day).replace("-", ""),
-                             f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}.{millis:03d}"))
+                             f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}.{millis:03d}",
+                             lateral_site=mix == "probe"))
     _assign_ids(plan, len(counts), seed, fmt)
     return plan
 

@@ -1,8 +1,8 @@
 """Rendering one study: pose, projection, exposure, tone curve, noise, and what each view shows.
 
 A finding is visible in a view when removing its layer changes enough of the displayed image
-(`VISIBILITY`); its frontal box covers where it changes the image by more than a quarter of its
-peak change.
+(`VISIBILITY`); its box in each view that shows it (frontal, lateral) covers where it changes the
+image by more than a quarter of its peak change.
 """
 from __future__ import annotations
 
@@ -105,15 +105,20 @@ def render_study(anatomy: Anatomy, findings: Sequence[Finding] = (), *, size: in
         front = [vis["frontal"].get(k, (False, None)) for k in parts]
         side = [vis["lateral"].get(k, (False, None)) for k in parts] if lateral else []
         boxes = tuple(b for v, b in front if v and b)
-        union = None
-        if boxes:
-            x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-            x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
-            union = (x0, y0, x1 - x0, y1 - y0)
-        out.append(replace(f, visible_frontal=any(v for v, _ in front),
-                           visible_lateral=f.label != "Fracture" and any(v for v, _ in side),
-                           bbox_frontal=union, bboxes_frontal=boxes))
+        visible_lateral = f.label != "Fracture" and any(v for v, _ in side)
+        out.append(replace(f, visible_frontal=any(v for v, _ in front), visible_lateral=visible_lateral,
+                           bbox_frontal=_union(boxes), bboxes_frontal=boxes,
+                           bbox_lateral=_union([b for v, b in side if v and b]) if visible_lateral else None))
     return RenderedStudy(images["frontal"], images.get("lateral"), out, view_position)
+
+
+def _union(boxes) -> tuple[int, int, int, int] | None:
+    """The box (x, y, w, h) around boxes, or None for none."""
+    if not boxes:
+        return None
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -124,7 +129,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def _more_severe(f: Finding) -> Finding:
     scale = SIZE_SEVERITY if f.label in SIZED else GRADE_SEVERITY
     if f.severity in scale[:-1]:
-        return replace(f, severity=scale[scale.index(f.severity) + 1])
+        # a larger effusion no longer fits the posterior sulcus: it is an ordinary one
+        site = None if f.site == "posterior sulcus" else f.site
+        return replace(f, severity=scale[scale.index(f.severity) + 1], site=site)
     return replace(f, detail=f.detail + 1)  # already the most severe: another geometry
 
 
