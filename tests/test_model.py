@@ -303,3 +303,20 @@ def test_timm_mae_weights_load_with_report(tmp_path):
     assert dst.pos_embed.shape == (1, 1 + 16, 64)  # resized from the 6x6 grid to 4x4
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_vit_weights(dst, str(tmp_path / "nope.pth"))
+
+
+def test_a_report_that_spells_pad_keeps_that_token_in_the_mask():
+    """The attention mask follows each text's length: "[PAD]" written in a report is tokenised to the
+    pad id (as Hugging Face does) but stays a word of the report, as in libclinvla."""
+    from clinvla_engine.config import load_config
+    from clinvla_engine.model.text import Tokenizer
+
+    tok = Tokenizer.from_config(load_config("tiny").text)
+    ids, mask = tok(["effusion [PAD] noted", "no effusion"])
+    n0 = int(mask[0].sum())
+    assert mask[0, :n0].all() and ids[0, n0 - 1].item() != tok.pad_id  # [SEP] ends the real tokens
+    assert int((ids[0, :n0] == tok.pad_id).sum()) == 1  # the spelled [PAD] is inside the mask
+    n1 = int(mask[1].sum())
+    assert n1 < n0 and (ids[1, n1:] == tok.pad_id).all() and not mask[1, n1:].any()
+    _, mask_c, content = tok(["effusion [PAD] noted"], content_mask=True)
+    assert torch.equal(mask_c, mask[:1, : mask_c.shape[1]])

@@ -170,16 +170,20 @@ class Tokenizer:
         length = pad_to or max(len(e.ids) for e in encs)
         length = min(length, self.max_length)
         ids = torch.full((len(encs), length), self.pad_id, dtype=torch.long)
+        # the mask comes from each text's length, not from the ids: a report that spells "[PAD]"
+        # gets the pad id there, and that token is still a word of the report (as in libclinvla)
+        mask = torch.zeros((len(encs), length), dtype=torch.long)
         for i, e in enumerate(encs):
             n = min(len(e.ids), length)
             ids[i, :n] = torch.tensor(e.ids[:n], dtype=torch.long)
+            mask[i, :n] = 1
         if not content_mask:
-            return ids, (ids != self.pad_id).long()
+            return ids, mask
         content = torch.zeros(len(encs), length, dtype=torch.bool)
         for i, (text, e) in enumerate(zip(texts, encs)):
             flags = _piece_flags(text, e)[:length]
             content[i, :len(flags)] = torch.tensor(flags, dtype=torch.bool)
-        return ids, (ids != self.pad_id).long(), content
+        return ids, mask, content
 
 
 def _piece_flags(text: str, enc) -> list[bool]:
