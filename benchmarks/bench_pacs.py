@@ -43,16 +43,6 @@ from benchmarks.harness import Bench, machine, run_main  # noqa: E402
 PLUGIN = Path(os.environ.get("CLINVLA_CPP_BUILD", REPO / "build" / "cpp")) / "orthanc" / "libclinvla_orthanc.so"
 
 
-def wait(what: str, predicate, timeout: float, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=48, help="studies stored in Orthanc (default 48)")
@@ -66,7 +56,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="12 studies, few repeats: a smoke test")
     args = ap.parse_args()
 
-    from orthanc_server import OrthancServer, gdcm_plugin, orthanc_binary
+    from orthanc_server import OrthancServer, gdcm_plugin, orthanc_binary, wait_for as wait
 
     if orthanc_binary() is None or gdcm_plugin() is None:
         sys.exit("Orthanc and its GDCM plugin are needed: install Debian's orthanc and orthanc-gdcm (make setup)")

@@ -105,6 +105,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(what: str, predicate, timeout: float = 60.0, interval: float = 0.1):
+    """Polls predicate() until it returns a true value (returned); AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
 class OrthancServer:
     """One Orthanc process with its own configuration, storage, index and log under ``tmp_dir``.
 

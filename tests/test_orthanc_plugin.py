@@ -22,13 +22,12 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from orthanc_server import OrthancError, OrthancServer, gdcm_plugin, require_orthanc
+from orthanc_server import OrthancError, OrthancServer, gdcm_plugin, require_orthanc, wait_for
 
 pytestmark = pytest.mark.orthanc
 
@@ -47,18 +46,6 @@ def _built(path: Path) -> Path:
             pytest.fail(f"CI is set but {reason}", pytrace=False)
         pytest.skip(reason)
     return path
-
-
-def wait_for(what: str, predicate, timeout: float = 60.0, interval: float = 0.1):
-    """Poll predicate() until it returns a true value (returned); fail naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def status(server) -> dict:
