@@ -50,7 +50,8 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
-demo: setup
+# the demo needs the Python set-up only (no Orthanc, Chromium or C++ headers: those are the tests')
+demo: $(STAMP)
 	$(BIN)/python -m clinvla_engine.cli demo --out demo_out
 
 # The claims study (not CI): every arm of clinvla_engine.claims_study over 3 seeds at the demo's

@@ -171,6 +171,9 @@ def main(argv=None) -> int:
         "evaluation items]; differences: a - b with the interval of the difference (seeds of each arm and "
         "items resampled).",
         "",
+        "How the recipe (`clinvla_engine.claims_study.RECIPE`) was chosen, and the failure it fixes: "
+        "`benchmarks/recipe_search.md`.",
+        "",
         "## Verdict against the paper's margins (ClinVLA - CLIP baseline)",
         "",
     ]

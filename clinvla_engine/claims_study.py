@@ -45,7 +45,12 @@ class Arm:
 RECIPE = {
     "vision": {"fusion": "gate"},
     "train": {"lateral_dropout": 0.25, "locked_text_heads": True},
-    "loss": {"local_words": "content", "local_ramp_steps": 100},
+    # tau3 (the scale of the local similarity) 1 instead of GLoRIA's 10: at 10 the local loss
+    # starts at twice ln(batch) on the random patch features and falls to exactly ln(batch) by
+    # making every study's region features alike (the local scores stop depending on the image),
+    # which also flattened the global features of the two-view model (benchmarks/quality.md,
+    # "Recipe search")
+    "loss": {"local_words": "content", "local_ramp_steps": 100, "tau3": 1.0},
 }
 CLIP = {"vision": {"num_views": 1}, "loss": {"local_weight": 0.0, "mim_weight": 0.0},
         "decoder": {"enabled": False}}

@@ -23,6 +23,7 @@ from ..model import ClinVLA, create_model, load_checkpoint
 from ..losses.objective import local_weight_at
 from .collate import TrainCollate
 from .locked_text import LockedTextFeatures, LockedTextForward
+from .watch import LocalChanceWatch
 from .run_dir import Resumed, RunDirectory, TrainError
 from .schedule import (TEXT_HEAD_PREFIXES, TEXT_PREFIXES, GlobalBatchSampler, autocast_dtype, drop_laterals,
                        lr_lambda, param_groups, seed_everything)
@@ -392,6 +393,7 @@ class Trainer:
         self.phase_locked: bool | None = None  # the phase the forward module was set up for
         self.forward_module = self.text_features = None
         self._last_saved = self.step if self.resume else None
+        watch = LocalChanceWatch(tc.batch_size * world, self.cfg.loss.local_weight)
         while self.step < total:
             micro = 0
             self.optimizer.zero_grad(set_to_none=True)
@@ -424,6 +426,10 @@ class Trainer:
                            "time_s": time.perf_counter() - t_start, **self._step_info(step - 1)}
                     rec.update({k: dist_utils.all_reduce_mean(val / counts[k]) for k, val in window.items()})
                     self.log(rec)
+                    warning = watch.update(step, rec.get("local_weight", 0.0), rec.get("local"))
+                    if warning and self.main:
+                        print(f"\nstep {step}: warning: {warning}")
+                        self.log({"step": step, "warning": warning})
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.1f}")
                     window, counts, window_t, window_samples = {}, {}, time.perf_counter(), 0
                 # the last evaluation comes before the last save, so that a resumed finished run has
