@@ -95,8 +95,18 @@ def _cmd_eval(args) -> int:
     from .model import load_checkpoint
     from .files import atomic_write_text
 
-    device = resolve_device(args.device)
-    model = load_checkpoint(args.checkpoint, map_location=device)
+    from .runtime.as_model import EngineModel, is_engine_dir
+
+    engine = is_engine_dir(args.checkpoint)
+    if engine and args.claims:
+        raise SystemExit(f"error: {args.checkpoint} is an engine bundle: the claims protocols read the model's "
+                         "local heads and temperatures, which engines do not carry; evaluate its checkpoint with --claims")
+    if engine:  # a deployed engine, scored like its checkpoint (its own device; --device must agree)
+        model = EngineModel.load(args.checkpoint, device=args.device)
+        device = model.engine.device
+    else:
+        device = resolve_device(args.device)
+        model = load_checkpoint(args.checkpoint, map_location=device)
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     results = evaluate(model, args.data, protocols=protocols, split=args.split, seed=args.seed,
                        per_class=args.per_class, manifest_in=args.manifest, manifest_out=args.save_manifest,
@@ -190,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval", help="retrieval and zero-shot protocols (5x200, 8x200, instance, rsna)")
-    p.add_argument("checkpoint", help="model.safetensors or training output folder")
+    p.add_argument("checkpoint", help="model.safetensors, a training output folder, or an engine bundle folder "
+                                      "(clinvla-build-engine's; scored by its own backend, global protocols only)")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--protocols", default="5x200,8x200,instance", help="comma-separated (default 5x200,8x200,instance)")
     p.add_argument("--split", default="test", help="train, validate, test or all (default test)")

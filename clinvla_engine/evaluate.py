@@ -56,6 +56,8 @@ class EvaluationError(ValueError):
 
 def model_source(model) -> str:
     """How to name `model` in an error: its checkpoint file when it was loaded from one."""
+    if getattr(model, "engine_dir", None):
+        return f"engine {model.engine_dir}"
     path = getattr(model, "checkpoint_path", None)
     return f"checkpoint {path}" if path else "the model (not loaded from a checkpoint file)"
 

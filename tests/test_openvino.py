@@ -186,6 +186,35 @@ def test_throughput_hint_threads_and_concurrent_calls_agree(ov):
         Engine.load(d, threads=0)
 
 
+def test_latency_engine_runs_bucket_batches_on_static_shapes(ov):
+    """The image graph (fixed but for the batch) is also compiled once per bucket with static shapes;
+    a call of exactly a bucket's rows takes it, any other size the dynamic model, same numbers."""
+    d = bundle(ov, "fp32")
+    with Engine.load(d) as eng:
+        runner = eng.runner
+        assert runner.static == {"image": list(TEST_BATCH_SIZES)}  # text has a free token dimension
+        assert set(runner.pools) == {("image", None), ("text", None)} | {("image", b) for b in TEST_BATCH_SIZES}
+        assert "static shapes for image at batch" in " ".join(runner.describe()["notes"])
+        rng = np.random.default_rng(3)
+        pics = list(rng.integers(0, 256, (max(TEST_BATCH_SIZES) + 1, 64, 64)).astype(np.uint8))
+        used = []
+        for key, pool in runner.pools.items():  # record which compiled model each call takes
+            req = pool.get_nowait()
+            original = req.start_async
+            req.start_async = (lambda k, f: (lambda *a, **kw: (used.append(k), f(*a, **kw))[1]))(key, original)
+            pool.put(req)
+        b = max(TEST_BATCH_SIZES)
+        at_bucket = eng.embed_studies(pics[:b])
+        odd = eng.embed_studies(pics[:b - 1])  # not a bucket unless the buckets are consecutive
+        assert ("image", b) in used
+        if b - 1 not in TEST_BATCH_SIZES:
+            assert ("image", None) in used
+        np.testing.assert_allclose(odd, at_bucket[:b - 1], atol=1e-5)
+    with Engine.load(d, performance_hint="throughput") as tput:  # splits batches over requests: dynamic only
+        assert tput.runner.static == {}
+        np.testing.assert_allclose(tput.embed_studies(pics[:b]), at_bucket, atol=1e-5)
+
+
 def _copy(ov, precision, tmp_path):
     d = tmp_path / precision
     shutil.copytree(bundle(ov, precision), d)
@@ -277,3 +306,47 @@ def test_auto_measures_openvino_and_picks_a_backend_that_exists_here(ov, tmp_pat
     # performance_hint is OpenVINO's: an ONNX Runtime engine refuses it rather than ignore it
     with pytest.raises(ValueError, match="performance_hint applies to OpenVINO engines only"):
         Engine.load(keep / "onnxruntime", performance_hint="throughput")
+
+
+# ---- a deployed engine scored by the evaluation protocols (clinvla eval ENGINE_DIR) ------------------
+@pytest.fixture(scope="module")
+def eval_archive(tmp_path_factory):
+    from clinvla_engine.data.synth import generate_archive
+
+    out = tmp_path_factory.mktemp("ov-eval") / "archive"
+    generate_archive(out, studies=160, seed=5, fmt="mimic", size=64, split_fractions=(0.2, 0.0, 0.8),
+                     progress=False, workers=1)
+    return out
+
+
+def test_an_engine_is_scored_like_its_checkpoint(ov, eval_archive, tmp_path):
+    from clinvla_engine.evaluate import evaluate
+    from clinvla_engine.model import load_checkpoint
+    from clinvla_engine.runtime.as_model import EngineModel, is_engine_dir
+
+    manifest = tmp_path / "manifest.json"
+    ref = evaluate(load_checkpoint(ov["checkpoint"]), eval_archive, protocols=("5x200", "instance"), per_class=6,
+                   manifest_out=manifest, keep_items=True)
+    assert is_engine_dir(bundle(ov, "fp32")) and not is_engine_dir(ov["checkpoint"])
+    fp32 = EngineModel.load(bundle(ov, "fp32"))
+    got = evaluate(fp32, eval_archive, protocols=("5x200", "instance"), per_class=6, manifest_in=manifest, keep_items=True)
+    for proto in ("5x200", "instance"):  # the same sets, the same numbers (fp32 parity >= 0.9999 cosine)
+        for k, v in ref[proto].items():
+            assert got[proto][k] == pytest.approx(v, abs=0.02), (proto, k)
+    with pytest.raises(ValueError, match="local features and masking take the checkpoint"):
+        fp32.encode_images(torch.zeros(1, 3, 64, 64), return_local=True)
+    fp32.close()
+
+
+def test_clinvla_eval_takes_an_engine_folder(ov, eval_archive, tmp_path, capsys):
+    from clinvla_engine.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(bundle(ov, "int8")), "--data", str(eval_archive), "--protocols", "5x200",
+                 "--per-class", "6", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ClinVLA evaluation of" in printed and "5x200" in printed
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["5x200"]["i2t_P@10"] <= 1.0
+    with pytest.raises(SystemExit, match="engine bundle: the claims protocols"):
+        main(["eval", str(bundle(ov, "int8")), "--data", str(eval_archive), "--claims"])

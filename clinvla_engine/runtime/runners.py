@@ -394,27 +394,47 @@ class OpenVinoRunner(Runner):
         config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": precision,
                   "INFERENCE_NUM_THREADS": self.threads}
         core = ov.Core()
+        # keyed by (graph, rows): rows None is the dynamic-batch model every call can use; a graph
+        # whose inputs are fixed but for the batch (the image graph) is also compiled once per bucket
+        # with static shapes, which a latency call of exactly that many rows takes (OpenVINO's CPU
+        # plugin plans memory and picks kernels once for a static shape instead of per call)
         self.compiled, self.pools, self.requests = {}, {}, {}
+        static = {}
+        buckets = sorted(int(b) for b in manifest.get("batch_sizes", ()))
         for name, g in self.graphs.items():
-            model = core.read_model(str(directory / g["file"]), str(directory / g["weights"]))
-            compiled = core.compile_model(model, "CPU", config)
-            self.compiled[name] = compiled
-            n = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if hint == "throughput" else 1
-            self.requests[name] = max(1, n)
-            self.pools[name] = queue.SimpleQueue()
-            for _ in range(self.requests[name]):
-                self.pools[name].put(compiled.create_infer_request())
+            xml, weights = str(directory / g["file"]), str(directory / g["weights"])
+            shapes = [None]
+            fixed = all(all(isinstance(d, int) for d in t["shape"][1:]) for t in g["inputs"])
+            if hint == "latency" and fixed and buckets:
+                shapes += buckets
+                static[name] = buckets
+            for rows in shapes:
+                model = core.read_model(xml, weights)
+                if rows is not None:
+                    model.reshape({t["name"]: ov.PartialShape([rows, *t["shape"][1:]]) for t in g["inputs"]})
+                compiled = core.compile_model(model, "CPU", config)
+                key = (name, rows)
+                self.compiled[key] = compiled
+                n = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if hint == "throughput" else 1
+                self.requests[key] = max(1, n)
+                self.pools[key] = queue.SimpleQueue()
+                for _ in range(self.requests[key]):
+                    self.pools[key].put(compiled.create_infer_request())
+        self.static = static
         self.notes.append(f"OpenVINO {ov.__version__}: {hint} hint, {self.threads} threads, inference precision "
-                          f"{precision}, infer requests {self.requests}")
+                          f"{precision}, infer requests {({g: self.requests[(g, None)] for g in self.graphs})}"
+                          + (f", static shapes for {', '.join(f'{g} at batch {b}' for g, b in static.items())}"
+                             if static else ""))
 
     def _run(self, graph, feeds, outputs):
         names = [t["name"] for t in self.graphs[graph]["inputs"]]
         arrays = {k: feeds[k].detach().cpu().numpy() for k in names}
         n = len(arrays[names[0]])
-        pool = self.pools[graph]
+        key = (graph, n) if (graph, n) in self.pools else (graph, None)
+        pool = self.pools[key]
         # A request is taken from the pool (or made) for each part, so concurrent callers never
         # share one; a latency engine runs the batch as one part.
-        parts = min(n, self.requests[graph]) if self.hint == "throughput" else 1
+        parts = min(n, self.requests[key]) if self.hint == "throughput" else 1
         bounds = [round(i * n / parts) for i in range(parts + 1)]
         taken = []
         try:
@@ -422,7 +442,7 @@ class OpenVinoRunner(Runner):
                 try:
                     req = pool.get_nowait()
                 except queue.Empty:  # more concurrent calls than requests: one more for this call
-                    req = self.compiled[graph].create_infer_request()
+                    req = self.compiled[key].create_infer_request()
                 taken.append(req)
                 req.start_async({k: v[bounds[i]:bounds[i + 1]] for k, v in arrays.items()}, share_inputs=False)
             for req in taken:
