@@ -280,7 +280,9 @@ class Trainer:
             self.forward_module = self._wrap(self.model)
         if self.main and self.locked_steps:
             print(f"\nstep {self.step}: text tower {'locked' if locked else 'unlocked'}"
-                  + (" (hidden states cached for every training report)" if locked and self.tc.locked_text_cache else "")
+                  + ((" (hidden states cached for every training report"
+                      + ("; reused from an earlier run in this process: same tower and reports)"
+                         if self.text_features.reused else ")")) if locked and self.tc.locked_text_cache else "")
                   + ("; its projection heads train" if locked and self.tc.locked_text_heads else ""))
         self.phase_locked = locked
 

@@ -1,0 +1,73 @@
+"""The locked-text cache is built once per process for runs whose text tower computes the same
+function on the same reports (the demo's and the claims study's arms and seeds), and never shared
+with a run where that is not so."""
+import pytest
+import torch
+
+from clinvla_engine.data.study import Study
+from clinvla_engine.model import create_model
+from clinvla_engine.model.adapters import Adapter
+from clinvla_engine.train import locked_text
+from clinvla_engine.train.locked_text import LockedTextFeatures
+
+REPORTS = ["Small right pleural effusion.", "No acute cardiopulmonary process.",
+           "Moderate cardiomegaly with mild edema.", "Left lower lobe consolidation, no pneumothorax."] * 3
+
+
+def studies(reports=REPORTS):
+    return [Study(study_id=f"s{i}", frontal=f"/nowhere/{i}.png", report=r) for i, r in enumerate(reports)]
+
+
+def model(seed, **extra):
+    torch.manual_seed(seed)
+    return create_model({"preset": "tiny", **extra}).eval()
+
+
+def features(m, st, content=True):
+    return LockedTextFeatures(m, st, True, torch.device("cpu"), None, batch_size=5, content=content)
+
+
+@pytest.fixture(autouse=True)
+def empty_memo():
+    locked_text._MEMO.clear()
+    yield
+    locked_text._MEMO.clear()
+
+
+def reseeded_adapters(seed):
+    """The tiny model (random text weights from seed 0) with its adapters drawn from `seed`, as a
+    pretrained tower (MiniLM: the same weights in every run) gets them in a run of another seed."""
+    m = model(0)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.text.modules():
+            if isinstance(mod, Adapter):
+                torch.nn.init.trunc_normal_(mod.down.weight, std=0.02)
+    return m
+
+
+def test_same_tower_function_reuses_the_cache_with_identical_values():
+    a = features(reseeded_adapters(0), studies())
+    b = features(reseeded_adapters(1), studies())  # down-projections differ, up = 0: the same function
+    assert not a.reused and b.reused and b.cache is a.cache
+    assert not features(model(2), studies()).reused  # other random text weights: another function
+    locked_text._MEMO.clear()
+    fresh = features(reseeded_adapters(1), studies())
+    assert not fresh.reused
+    for x, y in zip(fresh.cache, b.cache):
+        assert torch.equal(x, y)
+
+
+def test_a_different_function_or_different_reports_builds_its_own():
+    m0 = model(0)
+    first = features(m0, studies())
+    trained = model(0)
+    adapters = [mod for mod in trained.text.modules() if isinstance(mod, Adapter)]
+    assert adapters, "the tiny text tower has adapters"
+    with torch.no_grad():
+        adapters[0].up.bias.fill_(0.01)  # no longer the identity
+    assert not features(trained, studies()).reused
+    assert not features(m0, studies(REPORTS[::-1])).reused  # other reports (or order)
+    assert not features(m0, studies(REPORTS[::-1]), content=False).reused  # another word mask
+    again = features(m0, studies(REPORTS[::-1]), content=False)
+    assert again.reused and not torch.equal(again.cache[1], first.cache[1])
