@@ -63,21 +63,27 @@ class LockedTextFeatures:
         self.reused = False
         if cache:
             texts = [report_text(s.report) for s in studies]
-            key = _cache_key(model, texts, device, amp_dtype, batch_size, content)
+            # the hidden states and both word masks (all words; content words) are kept, so runs
+            # that differ only in loss.local_words share them too
+            key = _cache_key(model, texts, device, amp_dtype, batch_size)
             if _MEMO.get("key") == key:  # a run before this one, in this process, built the same cache
-                self.cache, self.reused = _MEMO["cache"], True
-                return
-            width = model.config.text.max_length - 1  # word positions ([CLS] excluded)
-            heads, words, masks = [], [], []
-            for i in range(0, len(texts), batch_size):
-                ids, att, content_mask = model.tokenizer(texts[i:i + batch_size], content_mask=True)
-                c, w, wm = self._encode(ids, att, content_mask if content else None)
-                heads.append(c.cpu())
-                words.append(F.pad(w.cpu(), (0, 0, 0, width - w.shape[1])))
-                masks.append(F.pad(wm.cpu(), (0, width - wm.shape[1]), value=False))
-            self.cache = (torch.cat(heads), torch.cat(words), torch.cat(masks))
-            _MEMO.clear()
-            _MEMO.update(key=key, cache=self.cache)
+                heads, words, all_words, content_words = _MEMO["cache"]
+                self.reused = True
+            else:
+                width = model.config.text.max_length - 1  # word positions ([CLS] excluded)
+                parts: list[list[torch.Tensor]] = [[], [], [], []]
+                for i in range(0, len(texts), batch_size):
+                    ids, att, content_mask = model.tokenizer(texts[i:i + batch_size], content_mask=True)
+                    c, w, wm = self._encode(ids, att, None)
+                    pad = width - w.shape[1]
+                    parts[0].append(c.cpu())
+                    parts[1].append(F.pad(w.cpu(), (0, 0, 0, pad)))
+                    parts[2].append(F.pad(wm.cpu(), (0, pad), value=False))
+                    parts[3].append(F.pad((wm & content_mask[:, 1:].to(wm.device)).cpu(), (0, pad), value=False))
+                heads, words, all_words, content_words = (torch.cat(p) for p in parts)
+                _MEMO.clear()
+                _MEMO.update(key=key, cache=(heads, words, all_words, content_words))
+            self.cache = (heads, words, content_words if content else all_words)
 
     @torch.no_grad()
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor, content_mask: torch.Tensor | None):
@@ -142,8 +148,8 @@ def _tower_digest(text: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _cache_key(model: ClinVLA, texts: Sequence[str], device, amp_dtype, batch_size: int, content: bool) -> tuple:
+def _cache_key(model: ClinVLA, texts: Sequence[str], device, amp_dtype, batch_size: int) -> tuple:
     tok = hashlib.sha256(json.dumps(model.tokenizer.state(), sort_keys=True, default=str).encode()).hexdigest()
     txt = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     return (_tower_digest(model.text), tok, txt, len(texts), model.config.text.max_length, str(device),
-            str(amp_dtype), batch_size, content)
+            str(amp_dtype), batch_size)
