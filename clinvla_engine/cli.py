@@ -101,6 +101,10 @@ def _cmd_eval(args) -> int:
     if engine and args.claims:
         raise SystemExit(f"error: {args.checkpoint} is an engine bundle: the claims protocols read the model's "
                          "local heads and temperatures, which engines do not carry; evaluate its checkpoint with --claims")
+    if engine and "rsna" in args.protocols.split(","):
+        raise SystemExit(f"error: {args.checkpoint} is an engine bundle: the rsna protocol scales its scores by the "
+                         "model's learned temperature, which engines do not carry; drop rsna from --protocols or "
+                         "evaluate the checkpoint")
     if engine:  # a deployed engine, scored like its checkpoint (its own device; --device must agree)
         model = EngineModel.load(args.checkpoint, device=args.device)
         device = model.engine.device

@@ -350,3 +350,5 @@ def test_clinvla_eval_takes_an_engine_folder(ov, eval_archive, tmp_path, capsys)
     assert 0.0 <= res["5x200"]["i2t_P@10"] <= 1.0
     with pytest.raises(SystemExit, match="engine bundle: the claims protocols"):
         main(["eval", str(bundle(ov, "int8")), "--data", str(eval_archive), "--claims"])
+    with pytest.raises(SystemExit, match="engine bundle: the rsna protocol"):
+        main(["eval", str(bundle(ov, "int8")), "--data", str(eval_archive), "--protocols", "5x200,rsna"])
