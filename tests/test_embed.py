@@ -317,22 +317,79 @@ def test_sigkill_many_times(tmp_path, engine_dir, mimic):
 
 
 # ---- the Ray executor ----------------------------------------------------------------------------
-@pytest.mark.timeout(300)  # a local 2-CPU Ray cluster on loopback; about 15 s on a 2-core box
-def test_ray_executor_gives_the_same_rows_as_the_local_one(tmp_path, local_store, engine_dir, mimic):
-    ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'clinvla-engine[distributed]'")
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head node on loopback, as a hospital starts one (`ray start --head`), in its own process
+    session; stopped by its process group's PID. Neither the head nor the Ray driver ever runs inside
+    pytest's process: a Ray driver's threads once kept pytest from exiting after the summary."""
+    pytest.importorskip("ray", reason="ray is not installed: pip install 'clinvla-engine[distributed]'")
     pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'ray[data]'")
-    local, _, _ = local_store
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local cluster on loopback
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    import tempfile
+
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.is_file():
+        pytest.skip(f"the ray command is not next to {sys.executable}: pip install 'clinvla-engine[distributed]'")
+    temp = tempfile.mkdtemp(prefix="clvray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    log = open(Path(temp) / "head.log", "w")
+    head = subprocess.Popen([str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
+                             "--disable-usage-stats", "--block"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        summary = embed_archive(mimic, engine_dir, tmp_path / "ray", executor="ray", workers=1, batch_size=8,
-                                shard_rows=16, local_features="pooled", progress=False)
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        import socket
+
+        while True:  # the GCS listens once the head is up
+            if head.poll() is not None:
+                log.flush()
+                pytest.fail(f"ray start --head exited with {head.returncode}: "
+                            f"{(Path(temp) / 'head.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the Ray head did not listen within 90 s")
+                time.sleep(0.5)
+        yield address, env
     finally:
-        ray.shutdown()
-    assert summary["embedded"] == STUDIES
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its node on SIGTERM
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the node is left in its session
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)  # a 2-CPU Ray head on loopback plus the CLI; about 30 s on a 2-core box
+def test_ray_executor_gives_the_same_rows_as_the_local_one(tmp_path, local_store, engine_dir, mimic, ray_head):
+    address, env = ray_head
+    local, _, _ = local_store
+    env = dict(env, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "clinvla_engine.pipeline.cli", "embed", str(mimic), "--engine", str(engine_dir),
+           "--out", str(tmp_path / "ray"), "--executor", "ray", "--ray-address", address, "--workers", "1",
+           "--batch-size", "8", "--shard-rows", "16", "--local-features", "pooled", "--no-progress"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
     a = by_key(pq.read_table(local / "shards"))
     b = by_key(pq.read_table(tmp_path / "ray" / "shards"))
-    assert a.keys() == b.keys()
+    assert len(b) == STUDIES and a.keys() == b.keys()
     for k in a:
         for column, value in a[k].items():
             if isinstance(value, float) or column == "labels":

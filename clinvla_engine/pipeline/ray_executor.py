@@ -95,11 +95,25 @@ def run_ray(tasks: list[StudyTask], metas_by_key: dict, engine_dir: str | os.Pat
 
     _, manifest = read_manifest(engine_dir)
     size = int(manifest["config"]["vision"]["image_size"])
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         # an existing cluster when one is named (or RAY_ADDRESS is set), else a local instance
         ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False,
                  **({} if (address or os.environ.get("RAY_ADDRESS")) else {"num_cpus": max(2, workers + 1)}))
+    try:
+        return _run(ray, tasks, metas_by_key, engine_dir, writer, workers=workers, batch_size=batch_size,
+                    local_features=local_features, fingerprint=fingerprint, bar=bar, size=size,
+                    manifest=manifest, actors=actors)
+    finally:
+        if connected_here:
+            # the connection (and a local instance) ends with the run, not at interpreter exit, where
+            # Ray's shutdown runs beside other libraries' teardown
+            ray.shutdown()
+
+
+def _run(ray, tasks, metas_by_key, engine_dir, writer, *, workers, batch_size, local_features, fingerprint, bar,
+         size, manifest, actors) -> tuple[int, int]:
     # GPU actors only for a bundle built for CUDA; a CPU bundle runs on CPU actors even on GPU nodes
     gpus = int(ray.cluster_resources().get("GPU", 0)) if manifest.get("device", "cpu") == "cuda" else 0
     actors = actors or max(1, gpus)

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include "clinvla/index.hpp"
@@ -17,11 +19,30 @@ namespace detail {
 // The calling thread's clinvla_last_error() message (defined in c_api.cpp).
 void set_last_error(const std::string& message);
 
+// One piece of a message. Integers are written with std::to_string, not through an ostream: on the
+// GPU machine a message built by the CUDA unit through ostringstream came out without its numbers
+// ("query  has a NaN ..."), and to_string does not depend on the stream's locale facets.
+template <typename T>
+void append_piece(std::string& out, const T& v) {
+  using D = std::decay_t<T>;
+  if constexpr (std::is_same_v<D, char>) {
+    out.push_back(v);
+  } else if constexpr (std::is_integral_v<D> && !std::is_same_v<D, bool>) {
+    out += std::to_string(v);
+  } else if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    out.append(std::string_view(v));
+  } else {
+    std::ostringstream os;
+    os << v;
+    out += os.str();
+  }
+}
+
 template <typename... Args>
 std::string cat(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << std::forward<Args>(args));
-  return os.str();
+  std::string out;
+  (append_piece(out, args), ...);
+  return out;
 }
 
 template <typename... Args>
