@@ -377,7 +377,7 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.timeout(300)  # a 2-CPU Ray head on loopback plus the CLI; about 30 s on a 2-core box
+@pytest.mark.timeout(300)  # a 2-CPU Ray head on loopback plus the CLI; 60-64 s with the session fixtures here
 def test_ray_executor_gives_the_same_rows_as_the_local_one(tmp_path, local_store, engine_dir, mimic, ray_head):
     address, env = ray_head
     local, _, _ = local_store
