@@ -4,6 +4,7 @@ exactly-once under SIGKILL, refusals, hostile files, and the Ray executor agains
 """
 import os
 import random
+import socket
 import shutil
 import signal
 import struct
@@ -20,6 +21,7 @@ import pytest
 
 from clinvla_engine.pipeline.embed import embed_archive
 from clinvla_engine.pipeline.store import StoreError, done_keys, synthetic_store
+from orthanc_server import free_port, wait_for
 
 STUDIES = 40
 REPO = Path(__file__).resolve().parents[1]
@@ -317,14 +319,6 @@ def test_sigkill_many_times(tmp_path, engine_dir, mimic):
 
 
 # ---- the Ray executor ----------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head():
     """A Ray head node on loopback, as a hospital starts one (`ray start --head`), in its own process
@@ -338,7 +332,7 @@ def ray_head():
     if not ray_cli.is_file():
         pytest.skip(f"the ray command is not next to {sys.executable}: pip install 'clinvla-engine[distributed]'")
     temp = tempfile.mkdtemp(prefix="clvray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     log = open(Path(temp) / "head.log", "w")
     head = subprocess.Popen([str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -346,23 +340,19 @@ def ray_head():
                              "--disable-usage-stats", "--block"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        address = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        import socket
-
-        while True:  # the GCS listens once the head is up
+        def listening():  # the GCS listens once the head is up
             if head.poll() is not None:
                 log.flush()
                 pytest.fail(f"ray start --head exited with {head.returncode}: "
                             f"{(Path(temp) / 'head.log').read_text()[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                return True
             except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("the Ray head did not listen within 90 s")
-                time.sleep(0.5)
-        yield address, env
+                return False
+
+        wait_for("the Ray head to listen", listening, timeout=90, interval=0.5)
+        yield f"127.0.0.1:{port}", env
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its node on SIGTERM
