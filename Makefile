@@ -12,7 +12,21 @@ PYTEST_MARKERS ?= not gpu and not trt and not slow
 
 .PHONY: setup test test-all demo reproduce bench clean
 
+# A set-up that runs out of disk half-way leaves a broken venv and pip's "[Errno 28]" deep in its
+# output; check first and say how much is needed where. torch, the extras and pip's build
+# directories take about 4 GiB on a fresh venv; a reused venv with torch needs far less.
+NEED_FREE_GIB ?= 5
+
 $(STAMP): pyproject.toml setup.py $(NATIVE)
+	@need=$(NEED_FREE_GIB); if [ -x $(BIN)/python ] && $(BIN)/python -c "import torch" 2>/dev/null; then need=1; fi; \
+	for d in . "$${TMPDIR:-/tmp}"; do \
+	  free_kib=$$(df -Pk "$$d" | awk 'NR==2 {print $$4}'); \
+	  if [ -n "$$free_kib" ] && [ "$$free_kib" -lt $$((need * 1024 * 1024)) ]; then \
+	    echo "error: $$(cd "$$d" && pwd) has $$((free_kib / 1024)) MiB free; setting up $(VENV) needs about $$need GiB there." >&2; \
+	    echo "       Free some space (old clones, pip caches, /tmp/torchinductor_*) or point TMPDIR elsewhere, then rerun." >&2; \
+	    exit 1; \
+	  fi; \
+	done
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	    echo "reusing the system's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
