@@ -164,7 +164,8 @@ def main(argv=None) -> int:
         f"{settings['studies']} --steps {settings['steps']} --arms {','.join(arms)}{' --quick' if args.quick else ''}`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, synthetic archive version "
         f"{SYNTH_VERSION}: {settings['studies']} studies at {settings['size']} px, {settings['steps']} steps of batch "
-        f"{settings['batch']} per run, {args.seeds} training seeds per arm; {time.perf_counter() - t0:.0f} s in all.",
+        f"{settings['batch']} per run, {args.seeds} training seeds per arm; this invocation took {time.perf_counter() - t0:.0f} s "
+        f"(finished runs and evaluations in {out} are reused; each run's training time is under Training time).",
         "",
         "The archive is a synthetic test bed for mechanisms, not clinical data: nothing here says how the model "
         "would do on real radiographs. Cells: mean [95% interval from a bootstrap over training seeds and "

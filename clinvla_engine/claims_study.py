@@ -20,10 +20,14 @@ Every arm and seed is scored by the classic protocols (``evaluate``: 5x200, inst
 manifest shared by all) and the claims protocols (``eval_claims``: strata, laterality, pointing),
 keeping the per-item values, so that each metric gets a mean and a 95% interval over training
 seeds and evaluation items (``stats.seed_bootstrap``; one seed: over the items only) and each
-comparison a paired interval of the difference.
+comparison a paired interval of the difference. Besides the claims, ``full - clinvla`` reads what
+the MAE pre-training alone changes. Each run's evaluation is kept with a key over everything it
+depends on (``evaluation_key``) and reused while the key matches, so adding a comparison to a
+finished study re-evaluates nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .files import atomic_write_text
+from .files import atomic_write_text, sha256_file
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ COMPARISONS = (
     ("clinvla", "views1", "claim 1: the lateral view"),
     ("clinvla", "global", "claim 2: the local loss"),
     ("frozen", "full", "claim 3: frozen + adapters vs full fine-tuning"),
+    # the recipe from the MAE tower against the recipe from scratch: the only difference is the
+    # image tower's start (is the pre-training worth its run?)
+    ("full", "clinvla", "MAE pre-training: the recipe from the MAE tower vs from scratch"),
 )
 # The paper's margins (ClinVLA over the best similar method) as targets on the test bed.
 TARGETS = {"8x200/t2i_P@10": 0.03, "5x200/i2t_P@10": 0.05}
@@ -148,6 +155,56 @@ def evaluate_run(model, dataset, archive: Path, manifest: Path, seed: int, per_c
     return {"seed": seed, "metrics": metrics, "items": items,
             "classic": {k: v for k, v in classic.items() if isinstance(v, dict)},
             "skipped_studies": classic.get("skipped_studies", []) + claims.get("skipped_studies", [])}
+
+
+def _package_digest() -> str:
+    """SHA-256 over every .py file of this package (paths and contents): a cached evaluation is
+    reused only by the code that wrote it, since a change anywhere (model, data, protocols) may
+    change the numbers."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def evaluation_key(run: Path, archive: Path, manifest: Path, seed: int, per_class: int,
+                   protocols: Sequence[str]) -> str | None:
+    """What an evaluation of the trained run `run` depends on: its checkpoint, the archive's truth
+    file and study list, the evaluation manifest, the settings and the package's code. None while
+    the manifest does not exist yet (the first evaluation writes it)."""
+    files = [run / "model.safetensors", archive / "synth_truth.jsonl", archive / "synth_files.txt", manifest]
+    if not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256(json.dumps({"seed": seed, "per_class": per_class, "protocols": list(protocols)},
+                                  sort_keys=True).encode())
+    for f in files:
+        h.update(f.name.encode() + sha256_file(f).encode())
+    h.update(_package_digest().encode())
+    return h.hexdigest()
+
+
+def evaluate_run_cached(model, dataset, archive: Path, manifest: Path, seed: int, per_class: int, run: Path,
+                        cache: Path, protocols: Sequence[str] = ("strata", "laterality", "pointing")) -> dict:
+    """evaluate_run, kept in `cache` (JSON, with its evaluation_key) and reused while the key still
+    matches: re-running the study to add a comparison costs no re-evaluation, and a changed
+    checkpoint, manifest, archive or code is evaluated again."""
+    from .eval_claims import write_claims
+
+    key = evaluation_key(run, archive, manifest, seed, per_class, protocols)
+    if key is not None and cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = {}
+        if saved.get("evaluation_key") == key:
+            print(f"[study] reusing the evaluation {cache} (same checkpoint, sets and code)")
+            saved.pop("evaluation_key")
+            return saved
+    result = evaluate_run(model, dataset, archive, manifest, seed, per_class, protocols)
+    key = evaluation_key(run, archive, manifest, seed, per_class, protocols)
+    write_claims(cache, {**result, "evaluation_key": key})
+    return result
 
 
 def summarise(runs: Sequence[dict], n_resamples: int = 2000) -> dict:
@@ -254,10 +311,8 @@ def run_study(out: Path, dataset, archive: Path, base_config: dict, arms: Sequen
             cfg = arm_config(arm, _merge(base_config, {"train": {"seed": seed}}), ckpt)
             model, info, history = train_run(f"{arm}-seed{seed}", cfg, dataset, out)
             print(f"[study] evaluating {arm} (seed {seed})")
-            result = evaluate_run(model, dataset, archive, manifest, seed, per_class)
-            from .eval_claims import write_claims
-
-            write_claims(out / "eval" / f"{arm}-seed{seed}.json", result)
+            result = evaluate_run_cached(model, dataset, archive, manifest, seed, per_class,
+                                         run=out / f"{arm}-seed{seed}", cache=out / "eval" / f"{arm}-seed{seed}.json")
             runs[arm].append(result)
             infos[arm].append(info)
             models[arm].append(model)

@@ -187,14 +187,16 @@ def test_throughput_hint_threads_and_concurrent_calls_agree(ov):
 
 
 def test_latency_engine_runs_bucket_batches_on_static_shapes(ov):
-    """The image graph (fixed but for the batch) is also compiled once per bucket with static shapes;
-    a call of exactly a bucket's rows takes it, any other size the dynamic model, same numbers."""
+    """Each graph is also compiled once per bucket with static shapes (text at max_text_len tokens);
+    a call of exactly that shape takes it, any other size or length the dynamic model, same numbers."""
     d = bundle(ov, "fp32")
     with Engine.load(d) as eng:
         runner = eng.runner
-        assert runner.static == {"image": list(TEST_BATCH_SIZES)}  # text has a free token dimension
-        assert set(runner.pools) == {("image", None), ("text", None)} | {("image", b) for b in TEST_BATCH_SIZES}
-        assert "static shapes for image at batch" in " ".join(runner.describe()["notes"])
+        assert runner.static == {"image": list(TEST_BATCH_SIZES), "text": list(TEST_BATCH_SIZES)}
+        assert set(runner.pools) == {("image", None), ("text", None)} | {
+            (g, b) for g in ("image", "text") for b in TEST_BATCH_SIZES}
+        notes = " ".join(runner.describe()["notes"])
+        assert "static shapes for image at batch" in notes and f"text at {eng.max_text_len} tokens" in notes
         rng = np.random.default_rng(3)
         pics = list(rng.integers(0, 256, (max(TEST_BATCH_SIZES) + 1, 64, 64)).astype(np.uint8))
         used = []
@@ -206,14 +208,28 @@ def test_latency_engine_runs_bucket_batches_on_static_shapes(ov):
         b = max(TEST_BATCH_SIZES)
         at_bucket = eng.embed_studies(pics[:b])
         odd = eng.embed_studies(pics[:b - 1])  # not a bucket unless the buckets are consecutive
+        image_used = list(used)
+        assert ("image", b) in image_used
+        if b - 1 not in TEST_BATCH_SIZES:
+            assert ("image", None) in image_used
+        np.testing.assert_allclose(odd, at_bucket[:b - 1], atol=1e-5)
+        # text: a bucket's rows at exactly max_text_len tokens take the static model; fewer tokens,
+        # or another batch size, the dynamic one; the numbers agree
+        ids = torch.from_numpy(rng.integers(1000, 5000, (b, eng.max_text_len))).long()
+        ids[:, 0], ids[:, -1] = eng.tokenizer.cls_id, eng.tokenizer.sep_id
+        mask = torch.ones_like(ids)
+        used.clear()
+        full = eng.run_graph("text", {"input_ids": ids, "attention_mask": mask}, ["text_emb"])["text_emb"]
+        short = ids[:, :eng.max_text_len - 4].clone()
+        short[:, -1] = eng.tokenizer.sep_id
+        eng.run_graph("text", {"input_ids": short, "attention_mask": mask[:, :-4]}, ["text_emb"])
+        fewer = eng.run_graph("text", {"input_ids": ids[:b - 1], "attention_mask": mask[:b - 1]}, ["text_emb"])
+        assert used == [("text", b), ("text", None), ("text", None) if b - 1 not in TEST_BATCH_SIZES else ("text", b - 1)]
         for pool in runner.pools.values():  # drop the wrappers: no request keeps a cycle to itself
             req = pool.get_nowait()
             del req.start_async
             pool.put(req)
-        assert ("image", b) in used
-        if b - 1 not in TEST_BATCH_SIZES:
-            assert ("image", None) in used
-        np.testing.assert_allclose(odd, at_bucket[:b - 1], atol=1e-5)
+        np.testing.assert_allclose(fewer["text_emb"], full[:b - 1], atol=1e-5)
     with Engine.load(d, performance_hint="throughput") as tput:  # splits batches over requests: dynamic only
         assert tput.runner.static == {}
         np.testing.assert_allclose(tput.embed_studies(pics[:b]), at_bucket, atol=1e-5)

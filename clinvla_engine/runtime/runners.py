@@ -360,6 +360,20 @@ def machine_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _static_dims(dims, max_tokens) -> tuple[int, ...] | None:
+    """An input's dimensions after the batch with the token dimension set to max_tokens, or None
+    where one is free and not the token count (no static compile for that graph)."""
+    out = []
+    for d in dims:
+        if isinstance(d, int):
+            out.append(d)
+        elif d == "tokens" and max_tokens:
+            out.append(int(max_tokens))
+        else:
+            return None
+    return tuple(out)
+
+
 class OpenVinoRunner(Runner):
     """OpenVINO IR compiled for the CPU with the bundle's inference precision (f32 must be set:
     OpenVINO's default on a bf16-capable CPU is bf16).
@@ -394,24 +408,28 @@ class OpenVinoRunner(Runner):
         config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": precision,
                   "INFERENCE_NUM_THREADS": self.threads}
         core = ov.Core()
-        # keyed by (graph, rows): rows None is the dynamic-batch model every call can use; a graph
-        # whose inputs are fixed but for the batch (the image graph) is also compiled once per bucket
-        # with static shapes, which a latency call of exactly that many rows takes (OpenVINO's CPU
-        # plugin plans memory and picks kernels once for a static shape instead of per call)
+        # keyed by (graph, rows): rows None is the dynamic model every call can use. In latency mode
+        # each graph is also compiled once per batch bucket with static shapes, which a call of
+        # exactly that shape takes (OpenVINO's CPU plugin plans memory and picks kernels once for a
+        # static shape instead of per call): the image graph at its fixed view size, the text graph
+        # at the bundle's max_text_len (the length a batch holding one long report is cut to;
+        # shorter batches run on the dynamic model rather than being padded up).
         self.compiled, self.pools, self.requests = {}, {}, {}
-        static = {}
+        static, self.bucket_shapes = {}, {}
         buckets = sorted(int(b) for b in manifest.get("batch_sizes", ()))
+        max_tokens = manifest.get("max_text_len")
         for name, g in self.graphs.items():
             xml, weights = str(directory / g["file"]), str(directory / g["weights"])
+            dims = {t["name"]: _static_dims(t["shape"][1:], max_tokens) for t in g["inputs"]}
             shapes = [None]
-            fixed = all(all(isinstance(d, int) for d in t["shape"][1:]) for t in g["inputs"])
-            if hint == "latency" and fixed and buckets:
+            if hint == "latency" and buckets and all(d is not None for d in dims.values()):
                 shapes += buckets
                 static[name] = buckets
             for rows in shapes:
                 model = core.read_model(xml, weights)
                 if rows is not None:
-                    model.reshape({t["name"]: ov.PartialShape([rows, *t["shape"][1:]]) for t in g["inputs"]})
+                    self.bucket_shapes[(name, rows)] = {k: (rows, *d) for k, d in dims.items()}
+                    model.reshape({k: ov.PartialShape([rows, *d]) for k, d in dims.items()})
                 compiled = core.compile_model(model, "CPU", config)
                 key = (name, rows)
                 self.compiled[key] = compiled
@@ -424,13 +442,15 @@ class OpenVinoRunner(Runner):
         self.notes.append(f"OpenVINO {ov.__version__}: {hint} hint, {self.threads} threads, inference precision "
                           f"{precision}, infer requests {({g: self.requests[(g, None)] for g in self.graphs})}"
                           + (f", static shapes for {', '.join(f'{g} at batch {b}' for g, b in static.items())}"
-                             if static else ""))
+                             + (f" (text at {max_tokens} tokens)" if "text" in static else "") if static else ""))
 
     def _run(self, graph, feeds, outputs):
         names = [t["name"] for t in self.graphs[graph]["inputs"]]
         arrays = {k: feeds[k].detach().cpu().numpy() for k in names}
         n = len(arrays[names[0]])
-        key = (graph, n) if (graph, n) in self.pools else (graph, None)
+        shapes = self.bucket_shapes.get((graph, n))
+        exact = shapes is not None and all(arrays[k].shape == shapes[k] for k in names)
+        key = (graph, n) if exact else (graph, None)
         pool = self.pools[key]
         # A request is taken from the pool (or made) for each part, so concurrent callers never
         # share one; a latency engine runs the batch as one part.
