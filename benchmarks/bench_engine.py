@@ -10,7 +10,11 @@ Per case (graph x batch), in one run, on the same preprocessed inputs:
 The run prints (and the JSON records) the CPU, its instruction sets and OpenVINO's view of it:
 bf16 and int8 speed depend on AVX-512 bf16 / VNNI / AMX.
 Rows report the median with p20/p80 (harness), p99 (in ``achieved``), and studies/s or texts/s.
-Batch 1 is the latency case; the largest batch the throughput case.
+Batch 1 is the latency case; the largest batch the throughput case. On a CPU every variant of a
+case is loaded first and then timed in rounds (``Case.run_interleaved``: per round and variant one
+untimed call, then two timed ones; rows say "interleaved"), so that the machine's slow spells fall
+on all of them alike; ``--block-timing`` times each variant in its own block instead, as GPU runs
+always do.
 
 Defaults: on a GPU the ``base`` preset (ViT-B/16 224 + BERT-base, 128 tokens), fp16 engines,
 batches 1 and 256; on a CPU the ``small`` preset, fp32, batches 1 and 8. Engine builds are part of
@@ -192,6 +196,10 @@ def run() -> None:
                     help="CPU threads for PyTorch, ONNX Runtime and OpenVINO alike (default: torch's default)")
     ap.add_argument("--openvino-precisions", default="fp32,bf16,int8",
                     help="the openvino engines to build and measure (default %(default)s)")
+    ap.add_argument("--block-timing", action="store_true",
+                    help="on a CPU, time each variant in its own block of calls instead of interleaving the "
+                         "variants in rounds (the default there: a slow spell of the machine then lands on "
+                         "every variant alike); GPU runs always time in blocks")
     args = ap.parse_args()
     if args.build_only and not args.keep:
         ap.error("--build-only builds into the --keep folder: give --keep DIR")
@@ -292,6 +300,11 @@ def run() -> None:
             cases.append((case, batch, graph, feeds))
             bench.cases.append(case)
 
+    # On a CPU the variants are timed interleaved (harness Case.run_interleaved): measure() only
+    # queues them, and run_queued() times each case's variants together once all are loaded.
+    interleave = not gpu and not args.block_timing
+    queued: dict[str, list] = {case.name: [] for case, *_ in cases}
+
     def measure(variant, fns_or_engine, baseline=False, warmup=2):
         for case, batch, graph, feeds in cases:
             unit = "studies/s" if graph == "image" else "texts/s"
@@ -302,8 +315,22 @@ def run() -> None:
                 out = ["image_emb"] if graph == "image" else ["text_emb"]
                 fn = (lambda e, f, o, g: (lambda: e.run_graph(g, f, o)))(fns_or_engine, f, out, graph)
             rec = Recorder(fn, gpu)
+            if interleave:
+                queued[case.name].append((variant, rec, baseline, warmup, batch, unit))
+                continue
             row = case.run(variant, rec, baseline=baseline, warmup=warmup)
             _finish(row, rec, batch, unit, warmup)
+            case.finalize()
+
+    def run_queued():
+        for case, *_ in cases:
+            entries = queued[case.name]
+            if not entries:
+                continue
+            warmup = max(e[3] for e in entries)
+            rows = case.run_interleaved([(v, rec, b) for v, rec, b, *_ in entries], warmup=warmup)
+            for (_, rec, _, _, batch, unit), row in zip(entries, rows):
+                _finish(row, rec, batch, unit, warmup)
             case.finalize()
 
     def torch_variant(dtype, compiled):
@@ -346,6 +373,7 @@ def run() -> None:
             case.rows.append(_skipped_row(label, f"not compiled: the {args.budget_s:.0f} s budget was spent"))
     else:
         measure(label, torch_variant(torch.float16 if gpu else torch.float32, True), warmup=3)
+    run_queued()
     bench.finish()
     for e in engines.values():
         e.close()
@@ -367,7 +395,7 @@ def _finish(row, rec: Recorder, batch: int, unit: str, skip: int) -> None:
         return
     row.achieved[unit] = batch / (row.median_ms * 1e-3)
     p99 = rec.p99(skip)
-    if p99 is not None:
+    if p99 is not None and "p99 ms" not in row.achieved:  # run_interleaved sets it from its timed calls
         row.achieved["p99 ms"] = p99
 
 

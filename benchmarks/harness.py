@@ -128,11 +128,19 @@ class Case:
             else:
                 times, peak = _measure(fn, self.device, warmup, repeat, min_time_s)
         except Exception as exc:  # a variant that fails (OOM, unsupported) is reported, not fatal
-            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            print(f"  {self.name} | {variant}: FAILED {msg}")
-            self.rows.append(Row(variant, float("nan"), float("nan"), float("nan"), 0, None, baseline, note=msg))
+            self._failed(variant, baseline, exc)
             _free(self.device)
             return None
+        row = self._row(variant, times, peak, baseline, note)
+        _free(self.device)
+        return row
+
+    def _failed(self, variant: str, baseline: bool, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        print(f"  {self.name} | {variant}: FAILED {msg}")
+        self.rows.append(Row(variant, float("nan"), float("nan"), float("nan"), 0, None, baseline, note=msg))
+
+    def _row(self, variant: str, times: list[float], peak: float | None, baseline: bool, note: str) -> Row:
         q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
         row = Row(
             variant=variant,
@@ -149,10 +157,67 @@ class Case:
         if self.bytes_moved:
             row.achieved["GB/s"] = self.bytes_moved / (row.median_ms * 1e-3) / 1e9
         self.rows.append(row)
-        _free(self.device)
         print(f"  {self.name} | {variant}: {row.median_ms:.3f} ms (p20 {row.p20_ms:.3f}, p80 {row.p80_ms:.3f})"
               + (f", peak +{peak:.1f} MiB" if peak is not None else ""))
         return row
+
+    def run_interleaved(self, variants: list[tuple[str, Callable[[], object], bool]], *, warmup: int = 2,
+                        repeat: int | None = None, per_round: int = 2, rewarm: int = 1,
+                        note: str = "") -> list[Row | None]:
+        """Times several variants of this case in rounds (variant order rotated each round) instead
+        of each in its own block, so that a slow spell of the machine lands on all of them alike
+        and their ratios keep their meaning. variants: (name, fn, is_baseline). In each round a
+        variant makes `rewarm` untimed calls (its caches and thread pool were the previous
+        variant's) and then `per_round` timed ones, until it has `repeat` timings. Peak memory is
+        each variant's over its own warm-up calls (taken one variant at a time). CUDA cases, and
+        runs under the pytest driver, time each variant in its block (Case.run)."""
+        bench = self._bench
+        repeat = repeat if repeat is not None else bench.repeat
+        if per_round < 1 or rewarm < 0 or repeat < 1:
+            raise ValueError(f"per_round and repeat must be >= 1 and rewarm >= 0, got per_round {per_round}, "
+                             f"repeat {repeat}, rewarm {rewarm}")
+        if Driver.active is not None or self.device.startswith("cuda"):
+            return [self.run(v, fn, baseline=b, warmup=warmup, repeat=repeat, note=note) for v, fn, b in variants]
+        live, peaks, failed = [], {}, {}
+        for variant, fn, baseline in variants:
+            sampler = _RssSampler()
+            try:
+                with sampler:
+                    for _ in range(warmup):
+                        fn()
+            except Exception as exc:  # a variant that fails is reported, the others still run
+                failed[variant] = exc
+                continue
+            peaks[variant] = sampler.peak_mb
+            live.append((variant, fn, baseline))
+        times: dict[str, list[float]] = {v: [] for v, _, _ in live}
+        rounds = -(-repeat // per_round)
+        for r in range(rounds):
+            k = r % len(live) if live else 0
+            for variant, fn, _ in live[k:] + live[:k]:
+                if variant in failed:
+                    continue
+                try:
+                    for _ in range(rewarm):
+                        fn()
+                    for _ in range(min(per_round, repeat - len(times[variant]))):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[variant].append((time.perf_counter() - t0) * 1e3)
+                except Exception as exc:
+                    failed[variant] = exc
+        rows: list[Row | None] = []
+        for variant, fn, baseline in variants:
+            if variant in failed:
+                self._failed(variant, baseline, failed[variant])
+                rows.append(None)
+            else:
+                row = self._row(variant, times[variant], peaks[variant], baseline,
+                                (note + "; " if note else "") + "interleaved")
+                t = sorted(times[variant])  # the timed calls only, not the untimed re-warm ones
+                row.achieved["p99 ms"] = t[min(len(t) - 1, int(round(0.99 * (len(t) - 1))))]
+                rows.append(row)
+        return rows
 
     def finalize(self) -> None:
         base = next((r for r in self.rows if r.baseline and r.median_ms == r.median_ms), None)

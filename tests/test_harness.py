@@ -135,3 +135,88 @@ def test_driver_reports_a_failure_of_the_test_as_the_rows_note(tmp_path):
     drv.close()
     rows = {r["variant"]: r for r in json.loads((tmp_path / "toy.json").read_text())["cases"][0]["rows"]}
     assert "out of memory at v1" in rows["v1"]["note"] and rows["v1"]["median_ms"] != rows["v1"]["median_ms"]
+
+
+class _FakeTime:
+    """A clock that only the measured functions move (no real timing in the test)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def __getattr__(self, name):  # anything else the harness needs from `time`
+        return getattr(time, name)
+
+
+def _spell_machine(clock, slow_calls: int):
+    """Functions of known cost (ms) on a machine whose first `slow_calls` timed calls, across all
+    variants, run 3x slower: a slow spell."""
+    calls = {"n": 0}
+
+    def make(cost_ms):
+        def fn():
+            factor = 3.0 if calls["n"] < slow_calls else 1.0
+            calls["n"] += 1
+            clock.now += cost_ms * factor / 1e3
+        return fn
+    return make, calls
+
+
+def test_interleaved_variants_share_a_slow_spell_where_blocks_do_not(tmp_path, monkeypatch):
+    clock = _FakeTime()
+    monkeypatch.setattr(harness, "time", clock)
+    bench = Bench("spell", tmp_path, repeat=10)
+    # blocks: the baseline's whole block falls in the spell, so the 2x engine looks 6x faster
+    make, calls = _spell_machine(clock, slow_calls=10)
+    with bench.case("blocks") as case:
+        case.run("eager", make(2.0), baseline=True, warmup=0)
+        case.run("engine", make(1.0), warmup=0)
+    assert case.rows[1].speedup == pytest.approx(6.0)
+    # interleaved: the spell covers the first rounds of both, and the ratio stays 2x
+    make, calls = _spell_machine(clock, slow_calls=10)
+    with bench.case("interleaved") as case:
+        rows = case.run_interleaved([("eager", make(2.0), True), ("engine", make(1.0), False)], warmup=0,
+                                    per_round=1, rewarm=0)
+    assert [r.repeats for r in rows] == [10, 10] and calls["n"] == 20
+    assert case.rows[1].speedup == pytest.approx(2.0)
+    assert all(r.note == "interleaved" for r in rows)
+
+
+def test_interleaved_rounds_rotate_and_a_failing_variant_is_a_row(tmp_path, monkeypatch):
+    clock = _FakeTime()
+    monkeypatch.setattr(harness, "time", clock)
+    bench = Bench("rotate", tmp_path, repeat=4)
+    order = []
+
+    def named(name):
+        def fn():
+            order.append(name)
+            clock.now += 1e-3
+        return fn
+
+    def broken():
+        raise RuntimeError("engine refused this input")
+
+    with bench.case("c") as case:
+        rows = case.run_interleaved([("a", named("a"), True), ("bad", broken, False), ("b", named("b"), False)],
+                                    warmup=1, per_round=1, rewarm=0)
+    assert order[:2] == ["a", "b"]  # warm-ups, one variant at a time
+    assert order[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # each round starts one later
+    assert rows[1] is None and [r.variant for r in case.rows] == ["a", "bad", "b"]
+    bad = case.rows[1]
+    assert bad.median_ms != bad.median_ms and "RuntimeError: engine refused this input" in bad.note
+    assert case.rows[2].speedup == pytest.approx(1.0)
+    # blocks of per_round timed calls, each after `rewarm` untimed ones; the last round is cut to
+    # what `repeat` still needs
+    order.clear()
+    with bench.case("d") as case:
+        rows = case.run_interleaved([("a", named("a"), True), ("b", named("b"), False)], warmup=0, repeat=3,
+                                    per_round=2, rewarm=1)
+    assert order == ["a"] * 3 + ["b"] * 3 + ["b"] * 2 + ["a"] * 2
+    assert [r.repeats for r in rows] == [3, 3]
+    assert rows[0].achieved["p99 ms"] == pytest.approx(1.0)  # of the timed calls
+    for bad_args in ({"per_round": 0}, {"repeat": 0}, {"rewarm": -1}):
+        with pytest.raises(ValueError, match="per_round and repeat must be >= 1 and rewarm >= 0"):
+            case.run_interleaved([("a", named("a"), True)], **bad_args)
