@@ -27,6 +27,7 @@ finished study re-evaluates nothing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -157,10 +158,11 @@ def evaluate_run(model, dataset, archive: Path, manifest: Path, seed: int, per_c
             "skipped_studies": classic.get("skipped_studies", []) + claims.get("skipped_studies", [])}
 
 
+@functools.lru_cache(maxsize=1)
 def _package_digest() -> str:
     """SHA-256 over every .py file of this package (paths and contents): a cached evaluation is
     reused only by the code that wrote it, since a change anywhere (model, data, protocols) may
-    change the numbers."""
+    change the numbers. Read once per process, so it describes the code this process runs."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
@@ -202,7 +204,8 @@ def evaluate_run_cached(model, dataset, archive: Path, manifest: Path, seed: int
             saved.pop("evaluation_key")
             return saved
     result = evaluate_run(model, dataset, archive, manifest, seed, per_class, protocols)
-    key = evaluation_key(run, archive, manifest, seed, per_class, protocols)
+    if key is None:  # the first evaluation has just written the manifest
+        key = evaluation_key(run, archive, manifest, seed, per_class, protocols)
     write_claims(cache, {**result, "evaluation_key": key})
     return result
 

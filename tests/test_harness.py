@@ -220,3 +220,20 @@ def test_interleaved_rounds_rotate_and_a_failing_variant_is_a_row(tmp_path, monk
     for bad_args in ({"per_round": 0}, {"repeat": 0}, {"rewarm": -1}):
         with pytest.raises(ValueError, match="per_round and repeat must be >= 1 and rewarm >= 0"):
             case.run_interleaved([("a", named("a"), True)], **bad_args)
+
+
+def test_engine_ceilings_come_from_the_eager_row_and_the_matmul_peaks():
+    from benchmarks.bench_engine import ceilings
+    from benchmarks.harness import Case, Row
+
+    case = Case("image b8", "cpu", floor_ms=10.0)
+    assert ceilings(case, 1e11, 2e11) == ""  # no eager row measured: nothing to say
+    case.rows.append(Row("pytorch eager fp32 (baseline)", 15.0, 14.0, 16.0, 10, None, baseline=True))
+    # eager at 1.5x the fp32 floor: an fp32 engine at the floor is 1.5x; bf16 at twice the rate, 3x
+    assert ceilings(case, 1e11, 2e11) == ("; eager at 1.50x the floor: at most 1.50x over eager in fp32, 3.00x in "
+                                          "bf16 (measured bf16 matmul peak 0.20 TFLOP/s)")
+    assert ceilings(case, 1e11, None).endswith("at most 1.50x over eager in fp32")
+    failed = Case("text b8", "cpu", floor_ms=10.0)
+    failed.rows.append(Row("pytorch eager fp32 (baseline)", float("nan"), float("nan"), float("nan"), 0, None,
+                           baseline=True))
+    assert ceilings(failed, 1e11, 2e11) == ""

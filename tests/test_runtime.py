@@ -123,6 +123,27 @@ def test_embed_texts_matches_pytorch(engine, model):
     np.testing.assert_allclose(engine.embed_texts(texts[:1])[0], emb[0], atol=1e-5)
 
 
+def test_a_result_is_not_overwritten_by_the_next_call(engine):
+    # run_graph hands a single chunk's tensors straight back, and the OpenVINO runner shares its
+    # inputs with the request: a returned tensor must still be the caller's after later calls
+    rng = np.random.default_rng(3)
+    size = engine.image_size
+    feeds = [{k: torch.from_numpy(rng.standard_normal((2, 3, size, size)).astype(np.float32)) for k in ("frontal", "lateral")}
+             for _ in range(2)]
+    for f in feeds:
+        f["lateral_present"] = torch.ones(2)
+    spec = {t["name"] for t in engine.manifest["graphs"]["image"]["inputs"]}
+    feeds = [{k: v for k, v in f.items() if k in spec} for f in feeds]
+    first = engine.run_graph("image", feeds[0])
+    kept = {k: v.clone() for k, v in first.items()}
+    second = engine.run_graph("image", feeds[1])
+    assert not torch.equal(second["image_emb"], kept["image_emb"])  # the check below can fail
+    for k in kept:
+        assert torch.equal(first[k], kept[k]), k
+    again = engine.run_graph("image", feeds[0])
+    torch.testing.assert_close(again["image_emb"], kept["image_emb"], atol=1e-5, rtol=0)
+
+
 def test_info_describes_the_engine(engine):
     info = engine.info()
     assert info["backend"] in BACKENDS and info["device"] == "cpu" and info["precision"] == "fp32"

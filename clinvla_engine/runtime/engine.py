@@ -134,7 +134,7 @@ class Engine:
                 part = {k: _pad_rows(v, self._bucket(m)) for k, v in part.items()}
             result = self.runner.run(graph, {k: self._staged(v.contiguous()) for k, v in part.items()}, outputs)
             chunks.append({k: v[:m] for k, v in result.items()})
-        out = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        out = chunks[0] if len(chunks) == 1 else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
         if "words" in out and tokens is not None:
             out["words"] = out["words"][:, : tokens - 1]
         return out

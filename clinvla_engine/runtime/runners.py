@@ -464,10 +464,14 @@ class OpenVinoRunner(Runner):
                 except queue.Empty:  # more concurrent calls than requests: one more for this call
                     req = self.compiled[key].create_infer_request()
                 taken.append(req)
-                req.start_async({k: v[bounds[i]:bounds[i + 1]] for k, v in arrays.items()}, share_inputs=False)
+                # The inputs are shared, not copied: the arrays stay alive and unchanged until every
+                # request has finished, below. Outputs are copied once, as each request goes back.
+                req.start_async({k: np.ascontiguousarray(v[bounds[i]:bounds[i + 1]]) for k, v in arrays.items()},
+                                share_inputs=True)
             for req in taken:
                 req.wait()
-            result = {k: torch.from_numpy(np.concatenate([req.get_tensor(k).data.copy() for req in taken])).float()
+            result = {k: torch.from_numpy(np.array(taken[0].get_tensor(k).data) if len(taken) == 1 else
+                                          np.concatenate([req.get_tensor(k).data for req in taken])).float()
                       for k in outputs}
         finally:
             for req in taken:
