@@ -14,7 +14,10 @@ Batch 1 is the latency case; the largest batch the throughput case. On a CPU eve
 case is loaded first and then timed in rounds (``Case.run_interleaved``: per round and variant one
 untimed call, then two timed ones; rows say "interleaved"), so that the machine's slow spells fall
 on all of them alike; ``--block-timing`` times each variant in its own block instead, as GPU runs
-always do.
+always do. Each case's ``floor`` row is its FLOPs over the fp32 matmul peak measured at the start
+(best of five timings); on a CPU with bf16 dot products the bf16 peak is measured too, and the floor
+row ends with the ceilings: the most an engine can gain over eager in fp32 or bf16 without doing
+less arithmetic (a target above its ceiling cannot be met on this machine).
 
 Defaults: on a GPU the ``base`` preset (ViT-B/16 224 + BERT-base, 128 tokens), fp16 engines,
 batches 1 and 256; on a CPU the ``small`` preset, fp32, batches 1 and 8. Engine builds are part of
