@@ -470,6 +470,24 @@ def _result(fut, pool: ProcessPoolExecutor):
                 raise BrokenProcessPool("a decode worker died without the pool noticing") from None
 
 
+def _close_pool(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """Shuts the pool down without waiting on its work, then makes sure its workers are gone: a
+    worker that does not exit within grace_s (stuck in a decoder, or never told because the pool
+    broke) is terminated. A live worker would otherwise hold the interpreter's exit, which joins
+    every executor (seen in CI: all tests passed, then the process hung at exit)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # private, as in _result
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.kill()
+
+
 def _decoded_stream(tasks: list[StudyTask], size: int, workers: int,
                     read: Callable[[str], bytes] | None = None) -> Iterator[tuple]:
     """Decoded studies in task order; at most 4 chunks per worker in flight (bounded memory)."""
@@ -507,7 +525,7 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int,
             # is lost. Redo them one chunk at a time on a fresh pool, and a chunk that breaks that pool
             # too study by study, so the study that kills a worker is found and logged, never retried
             # forever, while the innocent ones cost a few pool restarts only.
-            pool.shutdown(wait=False, cancel_futures=True)
+            _close_pool(pool)
             lost = [chunk] + [c for c, _ in inflight]
             inflight.clear()
             pool = new_pool()
@@ -516,7 +534,7 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int,
                     decoded = _result(pool.submit(decode_chunk, redo, size, read), pool)
                 except BrokenProcessPool:
                     decoded = []
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    _close_pool(pool)
                     pool = new_pool()
                     for task in redo:
                         try:
@@ -531,11 +549,11 @@ def _decoded_stream(tasks: list[StudyTask], size: int, workers: int,
                                     "process and see the error") from None
                             decoded.append((task.key, None, None, (task.frontal, "the decoder crashed its worker "
                                                                    "process on this study (corrupt or hostile file)")))
-                            pool.shutdown(wait=False, cancel_futures=True)
+                            _close_pool(pool)
                             pool = new_pool()
                 yield from decoded
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _close_pool(pool)
 
 
 def _run_local(tasks, metas_by_key, engine, stage: EngineStage, writer: BufferedWriter, *, workers: int,
