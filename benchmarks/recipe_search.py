@@ -2,7 +2,7 @@
 like the study's runs (benchmarks/recipe_search.md holds the runs made so far).
 
     python -m benchmarks.recipe_search NAME '{"loss": {"tau3": 1.0}}' [--seed 0] [--out reproduce_out]
-                                       [--runs DIR] [--results FILE] [--quick]
+                                       [--steps 500] [--runs DIR] [--results FILE] [--quick]
 
 Needs the study's archive and evaluation manifest in --out (`make reproduce` or `clinvla demo --out
 DIR` writes them). Trains into --runs/x-NAME-seedS (a finished run with the same config is reused),
@@ -23,9 +23,9 @@ HEADLINE = ("5x200/i2t_P@10", "8x200/t2i_P@10", "5x200/zeroshot_accuracy", "stra
 
 
 def main(argv=None) -> int:
+    from clinvla_engine.demo import FULL, QUICK, base_config
     from clinvla_engine.claims_study import RECIPE, _merge, evaluate_run, train_run
     from clinvla_engine.data import open_dataset
-    from clinvla_engine.demo import FULL, QUICK, base_config
     from clinvla_engine.eval_claims import write_claims
     from clinvla_engine.files import atomic_write_text
 
@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("override", help="JSON merged over the study's base config + RECIPE, e.g. '{\"loss\": {\"tau3\": 1}}'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reproduce_out", help="the study's folder (archive, eval_manifest.json)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default the study's {FULL['steps']}); give the same as the study run "
+                        "you compare with (`reproduce --steps`)")
     p.add_argument("--runs", default=None, help="where the search runs go (default OUT/search)")
     p.add_argument("--results", default=None, help="JSON lines of the headline metrics (default RUNS/results.jsonl)")
     p.add_argument("--quick", action="store_true",
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
         p.error(f"OVERRIDE is not JSON ({exc}): quote it, e.g. '{{\"loss\": {{\"tau3\": 1.0}}}}'")
     if not isinstance(override, dict):
         p.error("OVERRIDE must be a JSON object of config sections")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be a positive number of training steps, got {args.steps}")
     out = Path(args.out)
     archive, manifest = out / "archive", out / "eval_manifest.json"
     if not (archive / "synth_truth.jsonl").is_file() or not manifest.is_file():
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     dataset = list(open_dataset(archive))
     settings = dict(QUICK if args.quick else FULL)
+    if args.steps is not None:
+        settings["steps"] = args.steps
     base = base_config(settings, quick=args.quick)
     cfg = _merge(_merge(_merge(base, {"train": {"seed": args.seed}}), RECIPE), override)
     t0 = time.perf_counter()

@@ -34,12 +34,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # a recipe-search run on the demo's study folder: the recipe with one override, scored the same way
     from benchmarks import recipe_search
 
-    assert recipe_search.main(["tau3_2", '{"loss": {"tau3": 2.0}}', "--out", str(out), "--quick"]) == 0
+    assert recipe_search.main(["tau3_2", '{"loss": {"tau3": 2.0}}', "--out", str(out), "--quick", "--steps", "6"]) == 0
     line = json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
     assert line["name"] == "tau3_2" and line["override"] == {"loss": {"tau3": 2.0}}
     assert 0.0 <= line["5x200/i2t_P@10"] <= 1.0 and "pointing/frontal/hit_rate" in line
     done = json.loads((out / "search" / "x-tau3_2-seed0" / "done.json").read_text())
     assert done["config"]["loss"]["tau3"] == 2.0 and done["config"]["vision"]["fusion"] == "gate"
+    assert done["config"]["train"]["max_steps"] == 6
     assert json.loads((out / "search" / "results.jsonl").read_text().splitlines()[-1])["name"] == "tau3_2"
 
 
@@ -48,6 +49,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     (["ok", "{loss"], "OVERRIDE is not JSON"),
     (["ok", "[1]"], "must be a JSON object"),
     (["ok", "{}"], "holds no study archive"),
+    (["ok", "{}", "--steps", "0"], "--steps must be"),
 ])
 def test_recipe_search_refuses_bad_input(tmp_path, capsys, args, message):
     from benchmarks import recipe_search
