@@ -331,6 +331,34 @@ def test_a_real_aoti_package_loaded_single_threaded_computes_the_same(bundles):
         assert a.shape == b.shape and torch.equal(a, b)
 
 
+def test_an_aoti_load_leaves_no_extraction_folder_behind(bundles, tmp_path, monkeypatch):
+    """torch extracts a .pt2 into $TMPDIR/aotinductor_* and removes it only when the model is destroyed,
+    which a process exiting while it holds the model never does (one folder leaked per load). On the CPU
+    the folder goes at load, and the model still computes what it did."""
+    import tempfile
+
+    from clinvla_engine.export.graphs import example_inputs
+    from clinvla_engine.runtime import runners
+
+    path = bundles["aoti"] / "text.pt2"
+    ids, mask = example_inputs(tiny_model(), "text", batch=2, seed=3, max_tokens=40)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # torch's loader takes its folder from TMPDIR
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    seen = []
+    real = runners._remove_extraction
+    monkeypatch.setattr(runners, "_remove_extraction", lambda folders, *a: (seen.append(set(folders)), real(folders, *a)))
+    module = runners.load_aoti_package(path, torch.device("cpu"))
+    assert len(seen) == 1 and len(seen[0]) == 1, seen  # this load's folder, found by what it maps
+    folder = next(iter(seen[0]))
+    assert folder.startswith(str(tmp_path / "aotinductor_")), folder
+    assert not list(tmp_path.glob("aotinductor_*"))  # gone while the model is still alive
+    monkeypatch.setattr(runners, "_remove_extraction", lambda *a: None)  # the reference: torch's own behaviour
+    reference = runners.load_aoti_package(path, torch.device("cpu"))
+    assert len(list(tmp_path.glob("aotinductor_*"))) == 1  # what used to be left behind
+    for a, b in zip(module(ids, mask), reference(ids, mask)):
+        assert torch.equal(a, b)
+
+
 # ---- structure: the runtime stands alone ----------------------------------------------------------
 def test_the_runtime_imports_neither_the_builder_nor_itself_in_a_cycle():
     """A deployment ships the runtime without export/; and runners must not reach back into engine."""
