@@ -25,8 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _plots(study: dict, summaries: dict, dataset, out: Path) -> list[str]:
-    """Writes the figures next to quality.md; returns their file names."""
+def _plots(study: dict, summaries: dict, dataset, out: Path, stem: str = "quality") -> list[str]:
+    """Writes the figures next to the report (named after its stem: quality.md -> quality_*.png, so
+    reports of several studies can share a folder); returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,13 +57,13 @@ def _plots(study: dict, summaries: dict, dataset, out: Path) -> list[str]:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    with atomic_path(out / "quality_retrieval.png") as tmp:
+    with atomic_path(out / f"{stem}_retrieval.png") as tmp:
         tmp.write_bytes(buf.getvalue())
-    names.append("quality_retrieval.png")
+    names.append(f"{stem}_retrieval.png")
     return names
 
 
-def _pointing_figure(model, dataset, truth_path: Path, out: Path, n: int = 4) -> str | None:
+def _pointing_figure(model, dataset, truth_path: Path, out: Path, n: int = 4, stem: str = "quality") -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,9 +109,9 @@ def _pointing_figure(model, dataset, truth_path: Path, out: Path, n: int = 4) ->
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    with atomic_path(out / "quality_pointing.png") as tmp:
+    with atomic_path(out / f"{stem}_pointing.png") as tmp:
         tmp.write_bytes(buf.getvalue())
-    return "quality_pointing.png"
+    return f"{stem}_pointing.png"
 
 
 def main(argv=None) -> int:
@@ -148,9 +149,10 @@ def main(argv=None) -> int:
                       per_class=settings["per_class"])
     summaries, comparisons = study["summaries"], study["comparisons"]
     quality = Path(args.quality)
-    figures = _plots(study["study"], summaries, dataset, quality.parent)
+    figures = _plots(study["study"], summaries, dataset, quality.parent, quality.stem)
     if "clinvla" in arms:
-        fig = _pointing_figure(study["models"]["clinvla"][0], dataset, archive / "synth_truth.jsonl", quality.parent)
+        fig = _pointing_figure(study["models"]["clinvla"][0], dataset, archive / "synth_truth.jsonl", quality.parent,
+                              stem=quality.stem)
         if fig:
             figures.append(fig)
     import torch

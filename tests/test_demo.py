@@ -42,6 +42,20 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert done["config"]["loss"]["tau3"] == 2.0 and done["config"]["vision"]["fusion"] == "gate"
     assert done["config"]["train"]["max_steps"] == 6
     assert json.loads((out / "search" / "results.jsonl").read_text().splitlines()[-1])["name"] == "tau3_2"
+    # `make reproduce` on the same folder reuses the demo's runs and evaluations and writes its report;
+    # the figures are named after the report, so two studies' reports can share a folder
+    from benchmarks import reproduce
+
+    report = tmp_path / "reports" / "study_a.md"
+    report.parent.mkdir()
+    assert reproduce.main(["--out", str(out), "--quick", "--seeds", "2", "--arms", "clinvla,clip",
+                           "--quality", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "[study] training" not in printed and printed.count("reusing the evaluation") == 4, printed
+    text = report.read_text()
+    assert "## Verdict against the paper's margins" in text and "| metric |" in text
+    assert {p.name for p in report.parent.iterdir()} == {"study_a.md", "study_a_retrieval.png", "study_a_pointing.png"}
+    assert "study_a_retrieval.png" in text and "study_a_pointing.png" in text
 
 
 @pytest.mark.parametrize("args, message", [
