@@ -23,9 +23,9 @@ HEADLINE = ("5x200/i2t_P@10", "8x200/t2i_P@10", "5x200/zeroshot_accuracy", "stra
 
 
 def main(argv=None) -> int:
-    from clinvla_engine.demo import FULL, QUICK, base_config
     from clinvla_engine.claims_study import RECIPE, _merge, evaluate_run, train_run
     from clinvla_engine.data import open_dataset
+    from clinvla_engine.demo import FULL, QUICK, base_config
     from clinvla_engine.eval_claims import write_claims
     from clinvla_engine.files import atomic_write_text
 
