@@ -132,9 +132,11 @@ class OrthancServer:
                  extra_config: Mapping[str, Any] | None = None,
                  auth: bool | tuple[str, str] | None = None, *, aet: str = "ORTHANC",
                  modalities: Mapping[str, Any] | None = None, stable_age: int = 1,
-                 verbose: bool = True, http_port: int | None = None, dicom_port: int | None = None):
+                 verbose: bool = True, http_port: int | None = None, dicom_port: int | None = None,
+                 env: Mapping[str, str] | None = None):
         self.dir = Path(tmp_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **(env or {})}  # the Orthanc process's environment
         self.plugins = [str(Path(p)) for p in plugins]
         for p in self.plugins:
             if not Path(p).exists():
@@ -223,7 +225,7 @@ class OrthancServer:
             args += [f"--logfile={self.log_path}", "--no-jobs", str(self.config_path)]
             with open(self._stdout_path, "ab") as out:
                 self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, cwd=self.dir)
+                                             stdin=subprocess.DEVNULL, cwd=self.dir, env=self.env)
             try:
                 self._wait_ready(timeout)
                 return self

@@ -241,9 +241,13 @@ def server(tmp_path_factory, engine_dir):
     require_orthanc(need_gdcm=True)
     plugin = _built(PLUGIN)
     tmp = tmp_path_factory.mktemp("orthanc_plugin")
+    tmpdir = tmp / "tmpdir"  # Orthanc's own $TMPDIR, where libtorch extracts the engine's packages
+    tmpdir.mkdir()
     srv = OrthancServer(tmp, plugins=[gdcm_plugin(), str(plugin)],
-                        extra_config=plugin_config(engine_dir, tmp / "clinvla-index"), auth=True)
+                        extra_config=plugin_config(engine_dir, tmp / "clinvla-index"), auth=True,
+                        env={"TMPDIR": str(tmpdir)})
     srv.index_dir = tmp / "clinvla-index"
+    srv.tmpdir = tmpdir
     try:
         srv.start(timeout=60)
         yield srv
@@ -424,6 +428,22 @@ def test_kill_9_mid_indexing_loses_nothing_acknowledged(server, archive):
     wait_for("the studies not indexed before the kill indexed after the start-up scan",
              lambda: want <= indexed_ids(server), timeout=90)
     assert status(server)["errors"] == {}
+
+
+def test_no_package_extraction_folder_outlives_the_engines_load(server):
+    """libtorch extracts each .pt2 into $TMPDIR/aotinductor_* and removes it only when the engine is
+    destroyed, which an Orthanc killed with SIGKILL never does: two folders (image, text) leaked per
+    kill. libclinvla removes them once the CPU engine is loaded. Runs after the kill -9 test, so it
+    covers the killed Orthanc's load and the running one's."""
+    wait_for("the plugin's engine loaded", lambda: "ready: engine" in server.log_text(), timeout=60)
+    assert server.running and server.tmpdir.is_dir()
+    assert sorted(p.name for p in server.tmpdir.glob("aotinductor_*")) == []
+    # the packages were extracted there (so the check above can fail): Orthanc still maps their
+    # shared objects, which read as deleted
+    maps = Path(f"/proc/{server.pid}/maps").read_text()
+    extracted = {line.split()[-2] for line in maps.splitlines()
+                 if f"{server.tmpdir}/aotinductor_" in line and line.endswith("(deleted)")}
+    assert len(extracted) >= 2, maps[-2000:]  # the image and the text package
 
 
 @pytest.mark.parametrize("require", [True, False])

@@ -12,9 +12,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <unordered_map>
 
 #include "../core/internal.hpp"
@@ -86,14 +88,52 @@ std::unordered_map<std::string, at::Tensor> read_safetensors(const std::string& 
 }
 
 // ---- AOTInductor ----------------------------------------------------------------------------
+// libtorch's package loader extracts each .pt2 into a fresh $TMPDIR/aotinductor_* folder and removes
+// it only in its destructor, which a process killed while holding the engine never runs (an Orthanc
+// stopped by SIGKILL leaked one folder per package, 12 MB for the `small` image package). The folder
+// is found by the shared object the load maps (the loader does not expose it), one load at a time
+// in this library; the same rule as clinvla_engine/runtime/runners.py::load_aoti_package.
+std::set<std::string> mapped_aoti_folders() {
+  std::set<std::string> folders;
+  std::ifstream maps("/proc/self/maps");  // absent off Linux: nothing found, nothing removed
+  std::string line;
+  const std::string marker = "/aotinductor_", so = ".so";
+  while (std::getline(maps, line)) {
+    const size_t start = line.find('/');  // address perms offset dev inode hold no '/'
+    if (start == std::string::npos) continue;
+    const std::string path = line.substr(start);  // a removed file reads "... (deleted)": skipped
+    const size_t at = path.find(marker);
+    if (at == std::string::npos || path.size() < so.size() || path.compare(path.size() - so.size(), so.size(), so))
+      continue;
+    folders.insert(path.substr(0, path.find('/', at + marker.size())));
+  }
+  return folders;
+}
+
+std::mutex& aoti_load_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 class AotiRunner final : public GraphRunner {
  public:
   AotiRunner(const Manifest& m, const GraphSpec& g, const c10::Device& device) {
     const std::string path = m.directory + "/" + g.file;
     try {
+      std::lock_guard<std::mutex> lock(aoti_load_mutex());
+      const std::set<std::string> before = mapped_aoti_folders();
       loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
           path, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
           device.is_cuda() ? device.index() : c10::DeviceIndex(-1));
+      // On the CPU the kernels are compiled into the mapped shared object and nothing else is read
+      // from the folder, so it goes at once. On CUDA kernel binaries may be read on first use: the
+      // folder stays until the loader's destructor removes it.
+      if (!device.is_cuda()) {
+        for (const std::string& folder : mapped_aoti_folders()) {
+          std::error_code ignored;
+          if (!before.count(folder)) std::filesystem::remove_all(folder, ignored);
+        }
+      }
     } catch (const std::exception& e) {
       fail(ErrorCode::Format, "engine bundle ", m.directory, ": libtorch could not load the AOTInductor package ",
            g.file, " (", first_line(e.what()), "); rebuild the engine with clinvla-build-engine --backend aoti "
