@@ -28,6 +28,7 @@ from benchmarks.harness import Driver
 QUICK_ARGS = {
     "train_step": ("benchmarks.bench_train_step", ["--presets", "small", "--repeat", "3"]),
     "local_align": ("benchmarks.bench_local_align", ["--quick"]),
+    "fusion": ("benchmarks.bench_fusion", ["--presets", "small", "--repeat", "3"]),
     "topk": ("benchmarks.bench_topk", ["--quick"]),
     "engine": ("benchmarks.bench_engine", ["--preset", "tiny", "--batches", "1", "--repeat", "3"]),
     "archive": ("benchmarks.bench_archive", ["--quick", "--part", "pipeline", "--repeat", "2"]),

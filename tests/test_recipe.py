@@ -122,6 +122,42 @@ def test_fusions_start_as_the_mean(fusion):
         torch.testing.assert_close(model.encode_images(*args), mean_model.encode_images(*args))
 
 
+def test_attention_read_out_equals_multi_head_attention_over_projected_tokens():
+    """AttentionFusion folds its key/value projections into the query; it must compute what plain
+    multi-head attention over kv(LN(tokens)) computes, missing laterals masked, gradients included."""
+    from clinvla_engine.model.fusion import AttentionFusion, plain_read_out
+
+    torch.manual_seed(3)
+    b, n_patch, width, heads = 5, 7, 48, 4
+    fusion = AttentionFusion(width, heads).double()
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.normal_(0, 0.5)
+    present = torch.tensor([True, False, True, True, False])
+    cls = torch.randn(2 * b, width, dtype=torch.double, requires_grad=True)  # static: every lateral slot
+    patches = torch.randn(2 * b, n_patch, width, dtype=torch.double, requires_grad=True)
+    params = [cls, patches] + list(fusion.parameters())
+    for views in (2, 1):  # with laterals (masked where missing) and a frontal-only batch (no mask)
+        base, keys, keep = fusion.inputs(cls[:views * b], patches[:views * b], present, b, True)
+        assert (keep is None) == (views == 1)
+        got, want = fusion.read_out(base, keys, keep), plain_read_out(fusion, base, keys, keep)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+        grads = [torch.autograd.grad(y.square().sum(), params, allow_unused=True, retain_graph=True)
+                 for y in (got, want)]
+        for a, c in zip(*grads):
+            assert (a is None) == (c is None)
+            if a is not None:
+                torch.testing.assert_close(a, c, atol=1e-9, rtol=1e-8)
+    got = fusion(cls, patches, present, b, True)
+    # a masked lateral changes nothing: its tokens may hold anything
+    junk = cls.detach().clone()
+    junk[b + 1] += 100.0
+    torch.testing.assert_close(fusion(junk, patches, present, b, True)[1], got[1], atol=1e-10, rtol=0)
+    # the dynamic layout (only the present laterals, in batch order) gives the same features
+    rows = torch.cat([torch.arange(b), b + present.nonzero().squeeze(1)])
+    torch.testing.assert_close(fusion(cls[rows], patches[rows], present, b, False), got, atol=1e-10, rtol=1e-9)
+
+
 def test_fusion_trains_with_a_frozen_backbone_and_bad_names_are_refused():
     model = create_model({"preset": "tiny", "vision": {"fusion": "attention", "frozen": True}})
     assert all(p.requires_grad for p in model.fusion.parameters())

@@ -13,7 +13,9 @@ return the study features (B, W):
 * ``attention``: the mean plus a learned attention read-out over the CLS and patch tokens of the
   present views: ``pooled = mean + W_o MHA(q = LN(mean), k = v = LN(tokens))``, the tokens of a
   missing lateral masked out of the attention. ``W_o`` starts at zero (as the adapters' up
-  projections do), so it too starts as the mean and learns what to add.
+  projections do), so it too starts as the mean and learns what to add. With one query per study
+  the key and value projections are folded into it instead of applied to every token (the same
+  function and parameters: ``AttentionFusion.read_out``).
 
 Inputs, as ``ClinVLA._views`` produces them: ``cls`` (B + n, W) and ``patches`` (B + n, L, W), the
 B frontal views first, then the laterals: all B of them with ``static_views`` (export: a missing
@@ -100,21 +102,55 @@ class AttentionFusion(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, cls, patches, present, b: int, static_views: bool) -> torch.Tensor:
-        base = mean_of_views(cls, present, b, static_views)  # (B, W)
+        base, keys, keep = self.inputs(cls, patches, present, b, static_views)
+        return base + self.out(self.read_out(base, keys, keep))
+
+    @staticmethod
+    def inputs(cls, patches, present, b: int, static_views: bool):
+        """(the mean (B, W), every study's tokens (B, N, W), which of them it attends to: (B, 1, N)
+        bool, or None when no study of the batch has a lateral)."""
+        base = mean_of_views(cls, present, b, static_views)
         tokens = torch.cat([cls[:, None], patches], dim=1)  # (B + n, 1 + L, W)
         n_tok = tokens.shape[1]
-        keys = tokens[:b]
-        keep = None  # (B, 1, 1, N) bool: which tokens each study attends to
+        keys, keep = tokens[:b], None
         if cls.shape[0] > b:
-            lat = _laterals_per_study(tokens, present, b, static_views)
-            keys = torch.cat([keys, lat], dim=1)
+            keys = torch.cat([keys, _laterals_per_study(tokens, present, b, static_views)], dim=1)
             keep = torch.cat([torch.ones(b, n_tok, dtype=torch.bool, device=cls.device),
-                              present[:, None].expand(b, n_tok)], dim=1)[:, None, None, :]
-        w, h = base.shape[-1], self.heads
-        q = self.q(self.norm_q(base)).view(b, 1, h, w // h).transpose(1, 2)  # (B, h, 1, d)
-        k, v = self.kv(self.norm_kv(keys)).view(b, keys.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)
-        read = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, h, 1, d)
-        return base + self.out(read.transpose(1, 2).reshape(b, w))
+                              present[:, None].expand(b, n_tok)], dim=1)[:, None, :]
+        return base, keys, keep
+
+    def read_out(self, base, keys, keep) -> torch.Tensor:
+        """Multi-head attention of one query per study, softmax(q.k / sqrt(d)) v with k, v =
+        kv(LN(keys)), the heads concatenated (B, W); the op ``attention_read_out`` of
+        benchmarks/bench_fusion.py. The key and value projections are folded into the query rather
+        than applied to every token: q.(W_k x + b_k) = (W_k^T q).x + q.b_k, where q.b_k is the same
+        for all of a study's tokens and cancels in the softmax; and sum_n a_n (W_v x_n + b_v) =
+        W_v (sum_n a_n x_n) + b_v, as the weights sum to 1. So two (B, h, W) products replace a
+        (B, N, W) x (W, 2W) projection. ``plain_read_out`` is the unfolded form it is tested against."""
+        b, w = base.shape
+        h = self.heads
+        d = w // h
+        x = self.norm_kv(keys)  # (B, N, W)
+        q = self.q(self.norm_q(base)).view(b, h, d)
+        w_k, w_v = self.kv.weight[:w].view(h, d, w), self.kv.weight[w:].view(h, d, w)
+        q_x = torch.einsum("bhd,hdw->bhw", q, w_k) * d ** -0.5  # the query in token space
+        scores = torch.einsum("bhw,bnw->bhn", q_x, x)
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        pooled = torch.einsum("bhn,bnw->bhw", scores.softmax(dim=-1), x)  # per head: sum_n a_n x_n
+        read = torch.einsum("bhw,hdw->bhd", pooled, w_v) + self.kv.bias[w:].view(h, d)
+        return read.reshape(b, w)
+
+
+def plain_read_out(fusion: AttentionFusion, base, keys, keep) -> torch.Tensor:
+    """AttentionFusion.read_out computed the plain way (every token projected to keys and values,
+    then scaled_dot_product_attention): the reference for tests and the benchmark's baseline."""
+    b, w = base.shape
+    h = fusion.heads
+    q = fusion.q(fusion.norm_q(base)).view(b, 1, h, w // h).transpose(1, 2)  # (B, h, 1, d)
+    k, v = fusion.kv(fusion.norm_kv(keys)).view(b, keys.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)
+    read = F.scaled_dot_product_attention(q, k, v, attn_mask=None if keep is None else keep[:, None])
+    return read.transpose(1, 2).reshape(b, w)
 
 
 def create_fusion(kind: str, width: int, heads: int, num_views: int) -> nn.Module:
