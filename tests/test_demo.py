@@ -39,7 +39,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert line["name"] == "tau3_2" and line["override"] == {"loss": {"tau3": 2.0}}
     assert 0.0 <= line["5x200/i2t_P@10"] <= 1.0 and "pointing/frontal/hit_rate" in line
     done = json.loads((out / "search" / "x-tau3_2-seed0" / "done.json").read_text())
-    assert done["config"]["loss"]["tau3"] == 2.0 and done["config"]["vision"]["fusion"] == "gate"
+    assert done["config"]["loss"]["tau3"] == 2.0 and done["config"]["vision"]["fusion"] == "attention"
     assert done["config"]["train"]["max_steps"] == 6
     assert json.loads((out / "search" / "results.jsonl").read_text().splitlines()[-1])["name"] == "tau3_2"
     # `make reproduce` on the same folder reuses the demo's runs and evaluations and writes its report;
