@@ -22,6 +22,7 @@ from clinvla_engine.export.commands import build_engine_main  # noqa: E402
 from clinvla_engine.export.parity import THRESHOLDS  # noqa: E402
 from clinvla_engine.export.testing import TEST_BATCH_SIZES, TEST_TEXT_LEN, tiny_checkpoint, tiny_model  # noqa: E402
 from clinvla_engine.runtime import BundleError, Engine  # noqa: E402
+from clinvla_engine.runtime import runners  # noqa: E402
 from clinvla_engine.runtime.runners import openvino_cpu_info  # noqa: E402
 
 HAS_BF16 = "BF16" in openvino_cpu_info()["capabilities"]
@@ -75,6 +76,8 @@ def test_build_and_load_each_precision(ov, model, precision):
     xml = (d / "image.xml").read_text()
     if precision == "int8":
         assert "FakeQuantize" in xml and details["quantization"]["model_type"] == "TRANSFORMER"
+        # 7-bit weights in every layer where this CPU's 8-bit dot products can saturate (no VNNI)
+        assert details["quantization"]["overflow_fix"] == openvino_backend.overflow_fix_for(openvino_cpu_info()["isa"])
         assert m["calibration"] == {"source": "synthetic", "studies": 64, "seed": 1000, "format": "mimic"}
     else:
         assert "FakeQuantize" not in xml and "calibration" not in m
@@ -280,6 +283,30 @@ def test_an_int8_manifest_may_not_claim_bf16_either(ov, tmp_path):
 
 
 # ---- refusals at build time, and auto ----------------------------------------------------------
+def test_overflow_fix_covers_every_layer_on_cpus_whose_int8_dot_products_saturate():
+    assert openvino_backend.overflow_fix_for(["avx2"]) == "enable"
+    assert openvino_backend.overflow_fix_for(["avx2", "avx512f"]) == "enable"  # AVX-512 without VNNI
+    for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert openvino_backend.overflow_fix_for(["avx2", vnni]) == "first_layer_only"  # NNCF's default
+
+
+def test_an_int8_engine_built_for_vnni_says_so_on_a_cpu_without_it(ov, tmp_path, monkeypatch):
+    d = tmp_path / "int8"
+    shutil.copytree(bundle(ov, "int8"), d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["backend_details"]["quantization"]["overflow_fix"] = "first_layer_only"
+    (d / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(runners, "openvino_cpu_info",
+                        lambda: {"name": "Old Xeon", "capabilities": ["FP32", "INT8"], "isa": ["avx2"]})
+    with Engine.load(d) as engine:
+        notes = engine.runner.describe()["notes"]
+        assert any("built for a CPU with VNNI" in n and "rebuild it here" in n for n in notes), notes
+    monkeypatch.setattr(runners, "openvino_cpu_info",
+                        lambda: {"name": "New Xeon", "capabilities": ["FP32", "INT8"], "isa": ["avx2", "avx512_vnni"]})
+    with Engine.load(d) as engine:
+        assert not any("VNNI" in n for n in engine.runner.describe()["notes"])
+
+
 def test_bf16_is_refused_with_the_reason_on_a_cpu_without_it(ov, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(openvino_backend, "openvino_cpu_info",
                         lambda: {"name": "Old Xeon", "capabilities": ["FP32", "INT8"], "isa": ["avx2"]})

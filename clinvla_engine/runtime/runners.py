@@ -369,6 +369,10 @@ class TrtRunner(Runner):
 PERFORMANCE_HINTS = ("latency", "throughput")
 # The x86 instruction sets that decide OpenVINO's CPU kernels (and so its speed at each precision).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_fp16")
+# Flags of 8-bit dot products that accumulate without saturating (VNNI, AMX). Without them (AVX2,
+# AVX-512 without VNNI) an int8 dot product sums pairs of u8 x s8 products in int16, which can
+# saturate; NNCF's overflow fix (7-bit weights) avoids it (export/openvino_backend.overflow_fix_for).
+SATURATION_FREE_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def cpu_isa() -> list[str]:
@@ -446,6 +450,13 @@ class OpenVinoRunner(Runner):
             # Still correct (more precise), only slower: run it rather than refuse a working engine.
             self.notes.append(f"this CPU ({openvino_cpu_info()['name']}) has no native bf16: the bf16 engine runs in f32")
             precision = "f32"
+        quantized = manifest["backend_details"].get("quantization") or {}
+        if quantized and quantized.get("overflow_fix", "first_layer_only") != "enable" and not any(
+                flag in openvino_cpu_info()["isa"] for flag in SATURATION_FREE_ISA):  # it runs, less accurately
+            self.notes.append(f"this int8 engine was built for a CPU with VNNI (NNCF overflow fix "
+                              f"{quantized.get('overflow_fix', 'first_layer_only')}); on this CPU "
+                              f"({openvino_cpu_info()['name']}, no VNNI) its 8-bit dot products can saturate: "
+                              "rebuild it here (clinvla-build-engine --backend openvino --precision int8)")
         self.threads = threads or machine_threads()
         self.hint = hint
         config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": precision,
