@@ -5,6 +5,8 @@ For each shape, in one run: forward and forward+backward time and peak extra mem
 * ``vectorised fp32`` / ``vectorised bf16``: clinvla_engine's chunked PyTorch reference;
 * ``sdpa bf16``: the region softmax and context through scaled_dot_product_attention with the
   word-softmax logits as an additive mask (PyTorch's fused attention for half of the work);
+* ``gram fp32``: ``local_align_gram``, the same function from the kernels' per-word statistics
+  (u = sum alpha a, |c|^2 = alpha^T R R^T alpha) without the contexts: the path off the kernel;
 * ``kernel fp32`` / ``kernel bf16``: clinvla_engine.kernels.local_align (CUDA only).
 The loss is the local alignment loss (cross-entropy both ways over S). The floor is the
 algorithmic FLOPs (forward 4 P M T D, backward 8 P M T D for P image-text pairs) at the peak rate
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Bench, run_main
-from clinvla_engine.kernels.local_align import unsupported
+from clinvla_engine.kernels.local_align import local_align_gram, unsupported
 from clinvla_engine.losses import local_alignment_loss_from_scores, local_alignment_scores_ref
 
 GPU_SHAPES = [  # (B, T words, M regions, D)
@@ -29,7 +31,8 @@ GPU_SHAPES = [  # (B, T words, M regions, D)
     (48, 97, 361, 768),
     (256, 128, 98, 128),
 ]
-CPU_SHAPES = [(16, 32, 49, 64), (8, 97, 98, 128)]
+# the last: the demo's training step (batch 32, ~48 content words, two views of 4 x 4 patches, E = 128)
+CPU_SHAPES = [(16, 32, 49, 64), (8, 97, 98, 128), (32, 48, 32, 128)]
 # re-ranking: one text against K candidate studies, (K, T, M, D); tools/gpu_compile_check.py compiles
 # the kernels for GPU_SHAPES and RERANK_SHAPE_GPU
 RERANK_SHAPE_GPU = (10_000, 128, 392, 128)
@@ -121,6 +124,8 @@ def main() -> None:
         ("vectorised fp32", lambda *x: local_alignment_scores_ref(*x, *TAU), torch.float32),
         ("vectorised bf16", lambda *x: local_alignment_scores_ref(*x, *TAU), torch.bfloat16),
         ("sdpa bf16", sdpa_scores, torch.bfloat16),
+        # the same function from the per-word statistics (the dispatcher's path off the kernel)
+        ("gram fp32", lambda *x: local_align_gram(*x, *TAU), torch.float32),
     ]
     if gpu:
         from clinvla_engine.kernels.local_align import local_align

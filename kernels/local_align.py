@@ -41,8 +41,12 @@ kernel ends, so the default acquire-release ordering would buy nothing and cost 
 Empty rows: a text with no real word or an image with no real region gives S = 0 for its pairs,
 with zero gradient, never NaN (the same convention as the reference).
 
-``local_align_ref`` (below) is the plain-PyTorch reference: test oracle, CPU fallback and benchmark
-baseline. It and the input checks live here, beside the kernel, so that clinvla_engine.losses
+``local_align_ref`` (below) is the plain-PyTorch reference, written as GLoRIA writes it: test
+oracle and benchmark baseline. ``local_align_gram`` is the same function in plain PyTorch by the
+kernels' statistics (u_j = sum_m alpha a, n2_j = alpha^T (R R^T) alpha): no (B_img, B_txt, T, D)
+context is formed. Off the kernel, clinvla_engine.losses takes it when M < D (the contexts cost
+M x D per word and pair, the Gram form M x M), as at the demo's training shape
+(benchmarks/bench_local_align.py). It and the input checks live here, beside the kernel, so that clinvla_engine.losses
 imports this module and never the other way round.
 """
 from __future__ import annotations
@@ -143,6 +147,33 @@ def _chunk_scores(
     return tau3 * torch.logsumexp(z, dim=-1)  # (b, B_txt)
 
 
+def _chunk_scores_gram(
+    regions: torch.Tensor,  # (b, M, D) one chunk of images
+    words: torch.Tensor,  # (B_txt, T, D)
+    word_ok: torch.Tensor,  # (B_txt, T) bool, no all-False rows
+    region_ok: torch.Tensor,  # (b, M) bool, no all-False rows
+    tau1: torch.Tensor,
+    tau2: torch.Tensor,
+    tau3: torch.Tensor,
+) -> torch.Tensor:
+    """_chunk_scores by the kernels' statistics: u = c . e = sum_m alpha a and |c|^2 = alpha^T G
+    alpha with G = R R^T (M x M per image), in place of the contexts c (b, B_txt, T, D)."""
+    neg = torch.finfo(regions.dtype).min
+    a = torch.einsum("kmd,itd->kimt", regions, words)  # (b, B_txt, M, T)
+    p = torch.softmax(a.masked_fill(~word_ok[None, :, None, :], neg), dim=-1) * tau1  # over words
+    p = p.masked_fill(~region_ok[:, None, :, None], neg)
+    alpha = torch.softmax(p, dim=2)  # over regions; exactly 0 on padded regions
+    u = (alpha * a).sum(2)  # (b, B_txt, T)
+    gram = regions @ regions.transpose(1, 2)  # (b, M, M)
+    n2 = (alpha * torch.einsum("kmn,kint->kimt", gram, alpha)).sum(2).clamp_min(0.0)
+    e2 = (words * words).sum(-1)  # (B_txt, T)
+    # max(|c| |e|, eps) as sqrt(max(|c|^2 |e|^2, eps^2)): the same value, and a finite gradient
+    # (zero) where the bound holds
+    cos = u / (n2 * e2[None]).clamp_min(COS_EPS * COS_EPS).sqrt()
+    z = (tau2 * cos).masked_fill(~word_ok[None], neg)
+    return tau3 * torch.logsumexp(z, dim=-1)  # (b, B_txt)
+
+
 def local_align_ref(
     regions: torch.Tensor,  # (B_img, M, D) float
     words: torch.Tensor,  # (B_txt, T, D) float
@@ -161,6 +192,29 @@ def local_align_ref(
     with gradients each chunk is recomputed in the backward pass (activation checkpointing), so the
     quadratic intermediates of only one chunk are alive at a time.
     """
+    return _scores(_chunk_scores, regions, words, word_mask, region_mask, tau1, tau2, tau3, chunk_elements)
+
+
+def local_align_gram(
+    regions: torch.Tensor,  # (B_img, M, D) float
+    words: torch.Tensor,  # (B_txt, T, D) float
+    word_mask: torch.Tensor,  # (B_txt, T) bool, True = real word
+    region_mask: torch.Tensor | None = None,  # (B_img, M) bool, True = real region
+    tau1: "float | torch.Tensor" = 4.0,
+    tau2: "float | torch.Tensor" = 5.0,
+    tau3: "float | torch.Tensor" = 10.0,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """The same S as local_align_ref (same inputs, checks, empty-row rule, chunking), computed from
+    the per-word statistics u and n2 as the kernels do: the (B_img, B_txt, T, D) contexts and
+    their einsum are never formed. Equal to the reference to float64 rounding (tested); the
+    dispatcher's path off the kernel when M < D."""
+    return _scores(_chunk_scores_gram, regions, words, word_mask, region_mask, tau1, tau2, tau3, chunk_elements,
+                   gram=True)
+
+
+def _scores(chunk_fn, regions, words, word_mask, region_mask, tau1, tau2, tau3, chunk_elements: int,
+            gram: bool = False) -> torch.Tensor:
     region_mask = check_local_inputs(regions, words, word_mask, region_mask)
     b_img, m, d = regions.shape
     b_txt, t, _ = words.shape
@@ -173,16 +227,16 @@ def local_align_ref(
     # forward or the backward pass) and are zeroed at the end.
     word_ok = word_mask | ~has_word[:, None]
     region_ok = region_mask | ~has_region[:, None]
-    per_image = b_txt * max(m * t, t * d, 1)
+    per_image = b_txt * (max(m * t, 1) if gram else max(m * t, t * d, 1))
     step = max(1, min(b_img, chunk_elements // per_image))
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (regions, words, t1, t2, t3))
     out = []
     for k0 in range(0, b_img, step):
         args = (regions[k0:k0 + step], words, word_ok, region_ok[k0:k0 + step], t1, t2, t3)
         if grad and step < b_img:
-            out.append(checkpoint(_chunk_scores, *args, use_reentrant=False))
+            out.append(checkpoint(chunk_fn, *args, use_reentrant=False))
         else:
-            out.append(_chunk_scores(*args))
+            out.append(chunk_fn(*args))
     scores = torch.cat(out, dim=0)
     valid = has_region[:, None] & has_word[None, :]
     return scores.masked_fill(~valid, 0.0)

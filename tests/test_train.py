@@ -191,6 +191,35 @@ def test_cached_locked_text_equals_computing_it_each_step(archive, tmp_path):
         assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_cached_locked_phase_skips_tokenizing_and_changes_nothing(archive, tmp_path, monkeypatch):
+    """With the cache, the locked steps' batches are not tokenized (nothing reads their tokens);
+    the unlocked steps are, and the run's losses equal those of a run that tokenizes every batch."""
+    from clinvla_engine.train.collate import TrainCollate
+
+    cfg = {"preset": "tiny", "train": {"locked_text_steps": 2, "save_every": 0, "log_every": 1},
+           "loss": {"local_words": "content"}}
+    runs, tokenized = [], []
+    original = TrainCollate.add_tokens
+
+    def counting(self, batch):
+        tokenized.append("input_ids" not in batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(TrainCollate, "add_tokens", counting)
+    for skip in (True, False):
+        if not skip:  # the old behaviour: every batch tokenized in the loader
+            monkeypatch.setattr(TrainCollate, "tokenize", property(lambda self: True, lambda self, v: None),
+                                raising=False)
+        tokenized.clear()
+        result = train(cfg, archive, tmp_path / f"run_{skip}", max_steps=4, progress=False)
+        runs.append([(r["global"], r.get("local")) for r in result.history if "loss" in r])
+        # the head-centring probe and step 1's batch (collated before the phase is set up), then
+        # the unlocked steps 3 (collated while locked: tokenized in the step) and 4; without the
+        # skip, every batch
+        assert tokenized == [True] * (4 if skip else 5)
+    assert len(runs[0]) == 4 and runs[0] == runs[1]
+
+
 def test_sampler_splits_global_batches_across_ranks():
     one = list(GlobalBatchSampler(20, 8, seed=1))
     two = [list(GlobalBatchSampler(20, 4, seed=1, rank=r, world=2)) for r in range(2)]

@@ -278,6 +278,8 @@ class Trainer:
         else:
             self.text_features = None
             self.forward_module = self._wrap(self.model)
+        if isinstance(self.collate, TrainCollate):
+            self.collate.tokenize = not (locked and self.tc.locked_text_cache)
         if self.main and self.locked_steps:
             print(f"\nstep {self.step}: text tower {'locked' if locked else 'unlocked'}"
                   + ((" (hidden states cached for every training report"
@@ -302,6 +304,11 @@ class Trainer:
             if locked:
                 output = self.forward_module(frontal, lateral, present, *self.text_features(batch))
             else:
+                if "input_ids" not in batch and isinstance(self.collate, TrainCollate):
+                    # collated before the unlock (the loader fetches a batch before its step sets the
+                    # phase; a loader worker may hold several)
+                    self.collate.add_tokens(batch)
+                    content = batch.get("content_mask") if self.cfg.loss.local_words == "content" else None
                 if self.cfg.loss.local_words == "content" and content is None:
                     raise TrainError("loss.local_words = 'content' needs a content_mask in every batch "
                                      "(clinvla_engine.train.TrainCollate makes it)")
