@@ -44,10 +44,10 @@ with zero gradient, never NaN (the same convention as the reference).
 ``local_align_ref`` (below) is the plain-PyTorch reference, written as GLoRIA writes it: test
 oracle and benchmark baseline. ``local_align_gram`` is the same function in plain PyTorch by the
 kernels' statistics (u_j = sum_m alpha a, n2_j = alpha^T (R R^T) alpha): no (B_img, B_txt, T, D)
-context is formed. Off the kernel, clinvla_engine.losses takes it when M < D (the contexts cost
-M x D per word and pair, the Gram form M x M), as at the demo's training shape
-(benchmarks/bench_local_align.py). It and the input checks live here, beside the kernel, so that clinvla_engine.losses
-imports this module and never the other way round.
+context is formed. Off the kernel, clinvla_engine.losses takes it for float32 and float64 inputs
+when M < D (the contexts cost M x D per word and pair, the Gram form M x M), as at the demo's
+training shape (benchmarks/bench_local_align.py). Both and the input checks live here, beside the
+kernel, so that clinvla_engine.losses imports this module and never the other way round.
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def local_align_gram(
     """The same S as local_align_ref (same inputs, checks, empty-row rule, chunking), computed from
     the per-word statistics u and n2 as the kernels do: the (B_img, B_txt, T, D) contexts and
     their einsum are never formed. Equal to the reference to float64 rounding (tested); the
-    dispatcher's path off the kernel when M < D."""
+    dispatcher's path off the kernel for float32 / float64 when M < D."""
     return _scores(_chunk_scores_gram, regions, words, word_mask, region_mask, tau1, tau2, tau3, chunk_elements,
                    gram=True)
 

@@ -146,6 +146,8 @@ def test_gram_form_equals_gloria_reference_values_and_gradients(b_img, b_txt, m,
         torch.testing.assert_close(gram, ref, atol=1e-12, rtol=1e-10, msg=name)
     picked = local_align_gram if m < d else local_alignment_scores_ref  # the cheaper form off the kernel
     assert local_alignment_scores(regions, words, wm, rm).equal(picked(regions, words, wm, rm))
+    r16, w16 = regions.bfloat16(), words.bfloat16()  # half precision keeps the reference
+    assert local_alignment_scores(r16, w16, wm, rm).equal(local_alignment_scores_ref(r16, w16, wm, rm))
 
 
 def test_gram_form_with_all_zero_regions_stays_finite():

@@ -20,7 +20,8 @@ The implementations live in clinvla_engine.kernels.local_align: ``local_align`` 
 never materialises the B_img x B_txt x M x T attention), ``local_align_ref`` (chunked PyTorch as
 GLoRIA writes it, any device: the oracle) and ``local_align_gram`` (the same function from the
 kernels' per-word statistics in PyTorch, without the B_img x B_txt x T x D contexts: the path for
-tensors the kernel does not take when M < D). This module imports that one, never the other way round.
+tensors the kernel does not take, in float32 / float64 when M < D). This module imports that one,
+never the other way round.
 """
 from __future__ import annotations
 
@@ -60,19 +61,21 @@ def local_alignment_scores(
     """GLoRIA's local similarity S (B_img, B_txt).
 
     fused=None runs the fused Triton kernel on CUDA tensors (when Triton is available) and PyTorch
-    elsewhere, and for shapes the kernel does not take (kernels.local_align.unsupported: float32 beyond D = 256, more than 256
-    words): local_align_gram when there are fewer regions than feature dimensions (M < D, the
-    training shapes: it never forms the B_img x B_txt x T x D contexts), else local_align_ref; the
-    two agree to float64 rounding. fused=True / False forces the kernel or PyTorch (True on CPU
-    tensors is an error, except under TRITON_INTERPRET=1, which is how the tests run the kernel
-    without a GPU).
+    elsewhere, and for shapes the kernel does not take (kernels.local_align.unsupported: float32
+    beyond D = 256, more than 256 words): for float32 / float64 inputs with fewer regions than
+    feature dimensions (M < D, the training shapes) local_align_gram, which never forms the
+    B_img x B_txt x T x D contexts, else local_align_ref; the two agree to float64 rounding (half
+    precision keeps the reference: the Gram form is tested in float32 and float64 only).
+    fused=True / False forces the kernel or PyTorch (True on CPU tensors is an error, except under
+    TRITON_INTERPRET=1, which is how the tests run the kernel without a GPU).
     """
     if use_fused_local(regions, fused, words):
         from ..kernels.local_align import local_align
 
         return local_align(regions, words, word_mask, region_mask, tau1, tau2, tau3)
     # the contexts cost M x D per word and pair, the Gram form M x M: the smaller one
-    if isinstance(regions, torch.Tensor) and regions.dim() == 3 and regions.shape[1] < regions.shape[2]:
+    if (isinstance(regions, torch.Tensor) and regions.dim() == 3 and regions.shape[1] < regions.shape[2]
+            and regions.dtype in (torch.float32, torch.float64)):
         return local_align_gram(regions, words, word_mask, region_mask, tau1, tau2, tau3)
     return local_align_ref(regions, words, word_mask, region_mask, tau1, tau2, tau3)
 
