@@ -29,6 +29,7 @@ QUICK_ARGS = {
     "train_step": ("benchmarks.bench_train_step", ["--presets", "small", "--repeat", "3"]),
     "local_align": ("benchmarks.bench_local_align", ["--quick"]),
     "fusion": ("benchmarks.bench_fusion", ["--presets", "small", "--repeat", "3"]),
+    "text_tower": ("benchmarks.bench_text_tower", ["--batch", "8", "--batches", "2", "--repeat", "3"]),
     "topk": ("benchmarks.bench_topk", ["--quick"]),
     "engine": ("benchmarks.bench_engine", ["--preset", "tiny", "--batches", "1", "--repeat", "3"]),
     "archive": ("benchmarks.bench_archive", ["--quick", "--part", "pipeline", "--repeat", "2"]),

@@ -77,3 +77,22 @@ def test_a_different_function_or_different_reports_builds_its_own():
     fresh = features(m0, studies(REPORTS[::-1]), content=False)
     for x, y in zip(fresh.cache, words.cache):
         assert torch.equal(x, y)
+
+
+def test_the_cache_holds_what_the_tower_computes_for_each_batch():
+    # the cache encodes the reports in chunks (here 5) and looks them up by index; per batch, the
+    # tower runs on the batch's reports: the same states on every word, at float32 rounding (the
+    # chunks and batches group and pad their reports differently), and the same content-word mask
+    m = model(0)
+    st = studies()
+    cached = features(m, st)
+    direct = LockedTextFeatures(m, st, False, torch.device("cpu"), None, content=True)
+    index = torch.tensor([7, 0, 11, 3])
+    ids, att, content_mask = m.tokenizer([st[i].report for i in index.tolist()], content_mask=True)
+    batch = {"index": index, "input_ids": ids, "attention_mask": att, "content_mask": content_mask}
+    (c1, w1, m1), (c2, w2, m2) = cached(batch), direct(batch)
+    t = min(w1.shape[1], w2.shape[1])
+    assert m1.any() and torch.equal(m1[:, :t], m2[:, :t]) and not m1[:, t:].any() and not m2[:, t:].any()
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w1[:, :t][m1[:, :t]], w2[:, :t][m2[:, :t]], atol=1e-5, rtol=1e-5)
+    assert (w1[:, :t][m1[:, :t]] - features(model(2), st)(batch)[1][:, :t][m1[:, :t]]).abs().max() > 1e-2

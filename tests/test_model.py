@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clinvla_engine.config import ConfigError, load_config
 from clinvla_engine.export.testing import tiny_model
@@ -68,37 +69,63 @@ def test_text_encoder_equals_hf_bert_when_adapters_are_zero():
     torch.testing.assert_close(ours[real], ref[real], atol=2e-5, rtol=1e-4)
 
 
-def test_packed_text_tokens_compute_the_padded_forward_and_its_gradients():
-    # the tower runs its per-token ops on the real tokens only; the padded form (packed = False,
-    # also what ONNX export traces) is the reference: the same outputs on every real token and the
-    # same gradients for every trained parameter, in float64 with non-zero adapters
+def test_packed_text_tokens_compute_the_padded_forward_and_its_gradients(monkeypatch):
+    # the tower runs its per-token ops on the real tokens only and attention on groups of reports of
+    # like length; the padded form (packed = False, also what ONNX export traces) is the reference:
+    # the same outputs on every real token and the same gradients for every trained parameter, in
+    # float64 with non-zero adapters, for one group (the batch padded to its longest) and several
+    from clinvla_engine.model import text as text_module
+
     torch.manual_seed(0)
     model = tiny_model().double().eval()
     text = model.text
     for adapter in list(text.adapter_attn) + list(text.adapter_mlp):
         torch.nn.init.normal_(adapter.up.weight, std=0.05)
-    ids, mask = model.tokenize(["effusion", "small left pleural effusion with basal atelectasis", "no pneumothorax"])
+    reports = ["effusion", "small left pleural effusion with basal atelectasis", "no pneumothorax",
+               "cardiomegaly", "moderate right pleural effusion and left lower lobe consolidation", "no pneumothorax"]
+    ids, mask = model.tokenize(reports)
     assert not mask.bool().all()  # padding present, so the packed path is taken
     real = mask.bool()
-    results = []
-    for packed in (True, False):
-        text.packed = packed
+    shapes = []  # the (reports, length) of every attention call
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(text_module.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: shapes.append(tuple(q.shape[::2])) or sdpa(q, *a, **k))
+    results = {}
+    for packed, groups in ((False, 1), (True, 1), (True, 3), (True, 4)):
+        text.packed, text.attention_groups = packed, groups
         text.zero_grad(set_to_none=True)
+        shapes.clear()
         out = text(ids, mask)
         weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
         (out[real] * weights).sin().sum().backward()
         grads = {n: p.grad.clone() for n, p in text.named_parameters() if p.grad is not None}
-        results.append((out.detach(), grads))
-    (packed_out, packed_grads), (ref_out, ref_grads) = results
-    torch.testing.assert_close(packed_out[real], ref_out[real], atol=1e-12, rtol=1e-10)
-    assert packed_out[~real].abs().max() == 0  # padding rows: zeros, never read
-    assert packed_grads.keys() == ref_grads.keys() and any("adapter" in n for n in ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(packed_grads[name], g, atol=1e-12, rtol=1e-10, msg=name)
-    text.packed = True
+        results[packed, groups] = (out.detach(), grads, shapes[: len(shapes) // len(text.bert.encoder.layer)])
+    ref_out, ref_grads, ref_shapes = results[False, 1]
+    assert ref_shapes == [(6, ids.shape[1])]
+    lengths = sorted(mask.sum(1).tolist())
+    assert results[True, 3][2] == [(2, lengths[1]), (2, lengths[3]), (2, lengths[5])]
+    assert len(results[True, 4][2]) == 4 and results[True, 1][2] == ref_shapes
+    for key in ((True, 1), (True, 3), (True, 4)):
+        out, grads, _ = results[key]
+        torch.testing.assert_close(out[real], ref_out[real], atol=1e-12, rtol=1e-10, msg=str(key))
+        assert out[~real].abs().max() == 0  # padding rows: zeros, never read
+        assert grads.keys() == ref_grads.keys() and any("adapter" in n for n in ref_grads)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-12, rtol=1e-10, msg=f"{key} {name}")
+    text.packed, text.attention_groups = True, 4
     with torch.no_grad():  # no padding: nothing to pack, the plain path
         one = text(ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())])
     torch.testing.assert_close(one[0], ref_out[1, : int(mask[1].sum())], atol=1e-12, rtol=1e-10)
+
+
+def test_length_groups_cut_the_sorted_reports_into_runs():
+    from clinvla_engine.model.text import length_groups
+
+    assert length_groups([5, 2, 9, 2, 7, 3], 3) == [[1, 3], [5, 0], [4, 2]]
+    assert length_groups([5, 0, 3], 4) == [[2], [0]]  # a report without tokens has no rows
+    assert length_groups([4, 4], 1) == [[0, 1]] and length_groups([], 2) == []
+    with pytest.raises(ValueError, match="max_groups"):
+        length_groups([3], 0)
 
 
 def test_grey_images_take_the_folded_patch_embedding_with_the_same_outputs_and_gradients():

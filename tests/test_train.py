@@ -186,9 +186,13 @@ def test_cached_locked_text_equals_computing_it_each_step(archive, tmp_path):
         losses.append([(r["global"], r["local"]) for r in result.history if "loss" in r])
     assert len(losses[0]) == 3
     # a tolerance, not equality: the cache encodes the reports in chunks of 64 and the per-step path
-    # in batches of 8, and matrix products of other shapes sum in another order (~1e-7 apart)
-    for a, b in zip(*losses):
-        assert a == pytest.approx(b, rel=1e-4)
+    # in batches of 8, grouped and padded by length differently, and matrix products of other shapes
+    # sum in another order (hidden states ~1e-7 apart: test_locked_text_memo.py compares them). The
+    # first step is before any update; after it only loosely, since Adam's first updates are about
+    # lr * sign(g), so gradients 1e-7 apart can move a weight by a whole lr (measured: 6e-4 relative)
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-4)
+    for a, b in zip(losses[0][1:], losses[1][1:]):
+        assert a == pytest.approx(b, rel=1e-2)
 
 
 def test_cached_locked_phase_skips_tokenizing_and_changes_nothing(archive, tmp_path, monkeypatch):

@@ -206,6 +206,53 @@ def _piece_flags(text: str, enc) -> list[bool]:
     return [w is not None and flags[w] for w in word_ids]
 
 
+def length_groups(lengths: Sequence[int], max_groups: int) -> list[list[int]]:
+    """The reports of a batch in up to `max_groups` groups of like length, for attention: sorted by
+    length and cut into runs of near-equal count, so that each group pads only to its own longest
+    (the padded form pads all of them to the batch's longest). Reports without tokens are left out
+    (they have no rows). Deterministic: ties keep batch order."""
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    count = min(max_groups, len(order))
+    cuts = [round(g * len(order) / count) for g in range(count + 1)] if count else [0]
+    return [order[cuts[g]:cuts[g + 1]] for g in range(count)]
+
+
+def _grouped_attention(lengths: torch.Tensor, heads: int, dropout_p: float, max_groups: int):
+    """Attention over packed rows (each report's real tokens in a run, reports in batch order): a
+    function (q, k, v), each (N, W), -> (N, W) that runs each group of `length_groups` padded to its
+    own longest. The same function per report as attention over the batch padded to its longest:
+    a report attends to its own tokens only, and padded keys take no weight (tested in float64)."""
+    counts = lengths.tolist()
+    device = lengths.device
+    offsets = torch.cumsum(lengths, 0) - lengths
+    groups, dest = [], []
+    for members in length_groups(counts, max_groups):
+        sel = torch.tensor(members, device=device)
+        longest = counts[members[-1]]
+        steps = torch.arange(longest, device=device)
+        valid = steps[None, :] < lengths[sel, None]  # (n, longest)
+        start = offsets[sel, None]
+        positions = start + steps[None, :]
+        gather = torch.where(valid, positions, start).reshape(-1)  # padding reads the report's first token
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        groups.append((gather, mask, len(members), longest, rows))
+        dest.append(positions.reshape(-1).index_select(0, rows))
+    back = torch.argsort(torch.cat(dest))  # concatenated group rows -> packed order
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for gather, mask, n, longest, rows in groups:
+            qg, kg, vg = (t.index_select(0, gather).view(n, longest, heads, -1).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p)
+            outs.append(a.transpose(1, 2).reshape(n * longest, -1).index_select(0, rows))
+        return torch.cat(outs).index_select(0, back)
+
+    return attention
+
+
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, adapter: AdapterConfig, pretrained: bool = True):
         super().__init__()
@@ -241,6 +288,9 @@ class TextEncoder(nn.Module):
         self.width = hidden
         # run the per-token ops on the real tokens only (see forward); False: the padded reference
         self.packed = True
+        # with packed tokens, attention runs on up to this many groups of reports of like length,
+        # each padded to its own longest (see `length_groups`); 1: the whole batch padded to its longest
+        self.attention_groups = 4
 
     def forward(
         self,
@@ -261,30 +311,30 @@ class TextEncoder(nn.Module):
         # Packed tokens: every per-token op (projections, MLP, adapters, norms, dropout) runs on the
         # real tokens only, and only attention sees the padded (B, L) layout. A batch of reports is
         # about half padding (the synthetic archive: 45 tokens on average, 82 in a batch of 32's
-        # longest), so this cuts the tower's matmuls by about 45%; the real tokens' outputs are the same
-        # function (tested). Graph capture (ONNX, torch.export, compile, tracing) keeps the plain
-        # padded form: the packed one has data-dependent shapes.
+        # longest), so this cuts the tower's matmuls by about 45%; attention runs on groups of reports
+        # of like length, each padded to its own longest (`attention_groups`). The real tokens'
+        # outputs are the same function (tested). Graph capture (ONNX, torch.export, compile, tracing)
+        # keeps the plain padded form: the packed one has data-dependent shapes.
         idx = keep.reshape(-1).nonzero().squeeze(1) if self.packed and not capturing() and not bool(keep.all()) else None
         x = x.reshape(b * length, -1)
         if idx is not None:
             x = x.index_select(0, idx)
         x = emb.dropout(emb.LayerNorm(x))
-        attend = keep[:, None, None, :]  # (B, 1, 1, L) True = attend
         heads = cfg.num_attention_heads
         p_attn = cfg.attention_probs_dropout_prob if self.training else 0.0
+        if idx is None:
+            attend = keep[:, None, None, :]  # (B, 1, 1, L) True = attend
 
-        def padded(t):  # (N or B*L, W) -> (B, heads, L, W / heads)
-            if idx is not None:
-                t = t.new_zeros(b * length, t.shape[-1]).index_copy(0, idx, t)
-            return t.view(b, length, heads, -1).transpose(1, 2)
+            def attention(q, k, v):  # (B*L, W) each -> (B*L, W)
+                q, k, v = (t.view(b, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p_attn)
+                return a.transpose(1, 2).reshape(b * length, -1)
+        else:
+            attention = _grouped_attention(keep.sum(1), heads, p_attn, self.attention_groups)
 
         for i, layer in enumerate(bert.encoder.layer):
             sa = layer.attention.self
-            q, k, v = padded(sa.query(x)), padded(sa.key(x)), padded(sa.value(x))
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p_attn)
-            a = a.transpose(1, 2).reshape(b * length, -1)
-            if idx is not None:
-                a = a.index_select(0, idx)
+            a = attention(sa.query(x), sa.key(x), sa.value(x))
             out = layer.attention.output
             h = out.dropout(out.dense(a))
             if self.adapter_attn is not None:
