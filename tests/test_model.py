@@ -116,6 +116,8 @@ def test_packed_text_tokens_compute_the_padded_forward_and_its_gradients(monkeyp
     with torch.no_grad():  # no padding: nothing to pack, the plain path
         one = text(ids[1:2, : int(mask[1].sum())], mask[1:2, : int(mask[1].sum())])
     torch.testing.assert_close(one[0], ref_out[1, : int(mask[1].sum())], atol=1e-12, rtol=1e-10)
+    with torch.no_grad():  # no report has a token: nothing to attend from, every row padding
+        assert text(ids, torch.zeros_like(mask)).abs().max() == 0
 
 
 def test_length_groups_cut_the_sorted_reports_into_runs():

@@ -240,6 +240,8 @@ def _grouped_attention(lengths: torch.Tensor, heads: int, dropout_p: float, max_
         mask = None if bool(valid.all()) else valid[:, None, None, :]
         groups.append((gather, mask, len(members), longest, rows))
         dest.append(positions.reshape(-1).index_select(0, rows))
+    if not groups:  # no report has a token: no rows to attend from
+        return lambda q, k, v: q.new_zeros(q.shape)
     back = torch.argsort(torch.cat(dest))  # concatenated group rows -> packed order
 
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
