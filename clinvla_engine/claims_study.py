@@ -57,7 +57,7 @@ RECIPE = {
     # tau3 (the scale of the local similarity) 1 instead of GLoRIA's 10: at 10 the local loss
     # starts at twice ln(batch) on the random patch features and falls to exactly ln(batch) by
     # making every study's region features alike (the local scores stop depending on the image),
-    # which also flattened the global features of the two-view model (benchmarks/quality.md,
+    # which also flattened the global features of the two-view model (benchmarks/quality_gate_500_steps.md,
     # "Recipe search")
     "loss": {"local_words": "content", "local_ramp_steps": 100, "tau3": 1.0},
 }
