@@ -3,8 +3,8 @@
 One step = the text tower's forward in training mode (dropout on) and the backward to its trained
 parameters (the adapters and norms of the ``small`` preset: what an unlocked step of the demo
 trains), on batches of reports from a synthetic archive generated for the run (128 px, as the
-demo's; a few seconds), tokenized as the trainer does, up to the demo's 96 tokens. Three variants of the same function
-(``TextEncoder``, ``clinvla_engine/model/text.py``):
+demo's; a few seconds), tokenized as the trainer does, up to the demo's 96 tokens. Three variants
+of the same function (``TextEncoder``, ``clinvla_engine/model/text.py``):
 
 * ``padded``: every op on the batch padded to its longest report (``packed = False``; what graph
   capture traces), the baseline;
