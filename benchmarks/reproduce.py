@@ -1,15 +1,16 @@
 """``make reproduce``: ClinVLA's three claims on the synthetic test bed, each as an ablation over seeds.
 
     python -m benchmarks.reproduce [--out reproduce_out] [--seeds 3] [--arms clinvla,clip,...]
-                                   [--studies 3000] [--steps 700] [--quality benchmarks/quality.md]
+                                   [--studies 3000] [--steps 500] [--quality benchmarks/quality.md]
 
-Trains every arm of ``clinvla_engine.claims_study.ARMS`` (ClinVLA, the CLIP baseline, and one
-ablation per claim: frontal only, no local loss, MAE-pretrained tower frozen + adapters vs fully
-fine-tuned) with the demo's archive and training settings, for each seed; evaluates each on the
-classic and the claims protocols; writes ``benchmarks/quality.md`` (tables with means and 95%
-intervals over seeds and evaluation items, the differences each claim predicts, the verdict against
-the paper's margins, and plots: retrieval metrics per arm, pointing-game attention maps of a few
-test studies). Finished runs in ``--out`` are reused, so an interrupted study continues.
+Trains every arm of ``clinvla_engine.claims_study.ARMS`` (ClinVLA, the CLIP baseline, one ablation
+per claim: frontal only, no local loss, MAE-pretrained tower frozen + adapters vs fully fine-tuned,
+and the CLIP baseline from the same MAE tower) with the demo's archive and training settings, for
+each seed; evaluates each on the classic and the claims protocols; writes ``benchmarks/quality.md``
+(tables with means and 95% intervals over seeds and evaluation items, the differences each claim
+predicts, the verdict against the paper's margins from scratch and with both from the MAE tower, and
+plots: retrieval metrics per arm, pointing-game attention maps of a few test studies). Finished runs
+in ``--out`` are reused, so an interrupted study continues.
 Not part of CI: at the demo's settings one arm x seed takes about 4 minutes on 2 CPU cores.
 """
 from __future__ import annotations

@@ -16,14 +16,17 @@ Arms (each a config on top of the demo's training settings; same archive, steps,
 * ``global``   claim 2's ablation: the recipe without the local loss;
 * ``frozen``   claim 3: the recipe on an image tower pre-trained by ``clinvla pretrain`` (MAE on the
   archive's images, same seed) and then frozen, adapters + norms + heads trained;
-* ``full``     claim 3's comparison: the same pre-trained tower fully fine-tuned, equal steps.
+* ``full``     claim 3's comparison: the same pre-trained tower fully fine-tuned, equal steps;
+* ``clip_mae`` the CLIP baseline from the same pre-trained tower (its frontal view embedding), fully
+  fine-tuned: ``full - clip_mae`` is ClinVLA against the baseline when both start pretrained, as in
+  the paper, where every method starts from pretrained backbones.
 
 Every arm and seed is scored by the classic protocols (``evaluate``: 5x200, instance, 8x200, on one
 manifest shared by all) and the claims protocols (``eval_claims``: strata, laterality, pointing),
 keeping the per-item values, so that each metric gets a mean and a 95% interval over training
 seeds and evaluation items (``stats.seed_bootstrap``; one seed: over the items only) and each
 comparison a paired interval of the difference. Besides the claims, ``full - clinvla`` reads what
-the MAE pre-training alone changes. Each run's evaluation is kept with a key over everything it
+the MAE pre-training alone changes, and ``full - clip_mae`` is the verdict's second comparison. Each run's evaluation is kept with a key over everything it
 depends on (``evaluation_key``) and reused while the key matches, so adding a comparison to a
 finished study re-evaluates nothing.
 """
@@ -74,6 +77,8 @@ ARMS = {
                   {**RECIPE, "vision": {**RECIPE["vision"], "frozen": True}}, pretrained=True),
     "full": Arm("ClinVLA, MAE tower fully fine-tuned (claim 3)",
                 {**RECIPE, "vision": {**RECIPE["vision"], "frozen": False}}, pretrained=True),
+    "clip_mae": Arm("CLIP baseline, MAE tower fully fine-tuned",
+                    {**CLIP, "vision": {**CLIP["vision"], "frozen": False}}, pretrained=True),
 }
 # (a, b, what the difference a - b tests)
 COMPARISONS = (
@@ -84,7 +89,11 @@ COMPARISONS = (
     # the recipe from the MAE tower against the recipe from scratch: the only difference is the
     # image tower's start (is the pre-training worth its run?)
     ("full", "clinvla", "MAE pre-training: the recipe from the MAE tower vs from scratch"),
+    # both from the seed's MAE tower, both fully fine-tuned: the paper's setting (pretrained starts)
+    ("full", "clip_mae", "ClinVLA vs the CLIP baseline, both from the MAE tower"),
 )
+# The comparisons the verdict judges against the paper's margins: (a, b, how the verdict names them)
+VERDICT_COMPARISONS = (("clinvla", "clip", "from scratch"), ("full", "clip_mae", "both from the MAE tower"))
 # The paper's margins (ClinVLA over the best similar method) as targets on the test bed.
 TARGETS = {"8x200/t2i_P@10": 0.03, "5x200/i2t_P@10": 0.05}
 
@@ -119,16 +128,39 @@ def arm_config(arm: str, base: dict, pretrain_checkpoint: str | None = None) -> 
     return cfg
 
 
+def _init_digest(cfg: dict) -> str | None:
+    path = cfg.get("vision", {}).get("init_from")
+    return sha256_file(Path(path)) if path else None
+
+
+def same_run(saved: dict, cfg: dict) -> bool:
+    """Whether a finished run's done.json (`saved`) is a run of `cfg`. The configs must be equal
+    except for the path of ``vision.init_from``, whose file must instead hold the same bytes as when
+    the run started (its SHA-256 is kept): the same study reached by another path (``--out`` relative
+    or absolute, a moved folder) reuses its runs, and a run whose pretrained tower has been retrained
+    since is redone. A run recorded without that digest matches by the path, as it was written."""
+    a, b = json.loads(json.dumps(saved.get("config"))), json.loads(json.dumps(cfg))
+    path_a, path_b = a.get("vision", {}).pop("init_from", None), b.get("vision", {}).pop("init_from", None)
+    if a != b or (path_a is None) != (path_b is None):
+        return False
+    if path_b is None:
+        return True
+    if "init_from_sha256" not in saved:
+        return path_a == path_b
+    return Path(path_b).is_file() and saved["init_from_sha256"] == _init_digest(cfg)
+
+
 def train_run(name: str, cfg: dict, studies, out: Path, *, pretrain: bool = False):
-    """Trains (or reuses a finished run with the same config) into out/name; returns (model, info,
-    history). A killed run never leaves its "done" marker; a run with other settings is redone."""
+    """Trains (or reuses a finished run of the same config, see `same_run`) into out/name; returns
+    (model, info, history). A killed run never leaves its "done" marker; a run with other settings is
+    redone."""
     from .model import load_checkpoint
     from .train import train
     from .train.pretrain import pretrain as run_pretrain
 
     run = out / name
     done = run / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("config") == cfg:
+    if done.exists() and same_run(json.loads(done.read_text()), cfg):
         print(f"[study] reusing the finished run {run}")
         info = json.loads(done.read_text())
     else:
@@ -136,8 +168,11 @@ def train_run(name: str, cfg: dict, studies, out: Path, *, pretrain: bool = Fals
             shutil.rmtree(run)  # an unfinished or differently configured run of the study's own
         what = "pre-training (MAE)" if pretrain else "training"
         print(f"[study] {what} {name} for {cfg['train']['max_steps']} steps")
+        start = _init_digest(cfg)  # the tower it starts from, byte for byte
         result = (run_pretrain if pretrain else train)(cfg, studies, run, preload=True)
         info = {"config": cfg, "seconds": result.seconds, "samples_per_s": result.samples_per_s, "steps": result.steps}
+        if start:
+            info["init_from_sha256"] = start
         atomic_write_text(done, json.dumps(info))
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return load_checkpoint(run).eval(), info, history
@@ -281,17 +316,18 @@ def table(summaries: dict, comparisons: dict | None = None, metrics: Sequence[st
     return "\n".join(lines)
 
 
-def verdict(comparison: dict) -> list[str]:
+def verdict(comparison: dict, start: str = "") -> list[str]:
     """One line per target metric: met when the difference reaches the paper's margin AND its
-    interval lies above zero."""
+    interval lies above zero. start: how both arms started (e.g. "from scratch"), named in the line."""
     lines = []
+    where = f" ({start})" if start else ""
     for name, margin in TARGETS.items():
         m = comparison.get(name)
         if m is None:
-            lines.append(f"{name}: not measured")
+            lines.append(f"{name}{where}: not measured")
             continue
         met = m["diff"] >= margin and m["ci"][0] > 0
-        lines.append(f"{name}: ClinVLA - CLIP = {m['diff']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] "
+        lines.append(f"{name}{where}: ClinVLA - CLIP = {m['diff']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] "
                      f"(target >= +{margin:.2f} with the interval above 0): {'met' if met else 'NOT met'}")
     return lines
 
@@ -331,7 +367,8 @@ def run_study(out: Path, dataset, archive: Path, base_config: dict, arms: Sequen
                           "train_seconds": [i["seconds"] for i in infos[a]]} for a in arms},
              "seeds": list(seeds), "summaries": summaries,
              "comparisons": {f"{a} - {b}": c for (a, b), c in comparisons.items()},
-             "verdict": verdict(comparisons[("clinvla", "clip")]) if ("clinvla", "clip") in comparisons else [],
+             "verdict": [line for a, b, start in VERDICT_COMPARISONS if (a, b) in comparisons
+                         for line in verdict(comparisons[(a, b)], start)],
              "seconds": time.perf_counter() - t0}
     atomic_write_text(out / "study.json", json.dumps(study, indent=1))
     return {"study": study, "runs": runs, "models": models, "infos": infos, "histories": histories,

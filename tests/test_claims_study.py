@@ -70,11 +70,56 @@ def test_any_change_it_depends_on_evaluates_again(study, monkeypatch, change):
     assert json.loads(study["cache"].read_text())["metrics"] == second["metrics"]
 
 
-def test_the_pretraining_comparison_differs_from_the_recipe_only_in_its_start():
-    assert ("full", "clinvla") in [(a, b) for a, b, _ in COMPARISONS]
+@pytest.mark.parametrize("pretrained_arm, scratch_arm", [("full", "clinvla"), ("clip_mae", "clip")])
+def test_an_arm_from_the_mae_tower_differs_from_its_arm_from_scratch_only_in_its_start(pretrained_arm, scratch_arm):
+    # full - clinvla reads what the pre-training changes; full - clip_mae is the verdict's pretrained comparison
+    assert {("full", "clinvla"), ("full", "clip_mae")} <= {(a, b) for a, b, _ in COMPARISONS}
     base = {"vision": {"num_views": 2}, "train": {"seed": 0}, "loss": {}}
-    full, recipe = arm_config("full", base, "pre/model.safetensors"), arm_config("clinvla", base)
-    assert full["vision"].pop("init_from") == "pre/model.safetensors"
-    assert full["vision"].pop("frozen") is False and "frozen" not in recipe["vision"]
-    assert full == recipe
-    assert ARMS["full"].pretrained and not ARMS["clinvla"].pretrained
+    pretrained, scratch = arm_config(pretrained_arm, base, "pre/model.safetensors"), arm_config(scratch_arm, base)
+    assert pretrained["vision"].pop("init_from") == "pre/model.safetensors"
+    assert pretrained["vision"].pop("frozen") is False and "frozen" not in scratch["vision"]
+    assert pretrained == scratch
+    assert ARMS[pretrained_arm].pretrained and not ARMS[scratch_arm].pretrained
+    with pytest.raises(ValueError, match="pass pretrain_checkpoint"):
+        arm_config(pretrained_arm, base)
+
+
+def test_the_verdict_judges_each_start_against_the_margins():
+    def diff(d, lo):
+        return {"diff": d, "ci": [lo, d + 0.05]}
+
+    comparisons = {("clinvla", "clip"): {"8x200/t2i_P@10": diff(0.04, 0.01), "5x200/i2t_P@10": diff(0.06, -0.01)},
+                   ("full", "clip_mae"): {"8x200/t2i_P@10": diff(0.02, 0.005)}}
+    lines = [line for a, b, start in claims_study.VERDICT_COMPARISONS if (a, b) in comparisons
+             for line in claims_study.verdict(comparisons[(a, b)], start)]
+    assert lines == [
+        "8x200/t2i_P@10 (from scratch): ClinVLA - CLIP = +0.040 [+0.010, +0.090] (target >= +0.03 with the "
+        "interval above 0): met",
+        "5x200/i2t_P@10 (from scratch): ClinVLA - CLIP = +0.060 [-0.010, +0.110] (target >= +0.05 with the "
+        "interval above 0): NOT met",  # the margin is reached, the interval is not above 0
+        "8x200/t2i_P@10 (both from the MAE tower): ClinVLA - CLIP = +0.020 [+0.005, +0.070] (target >= +0.03 "
+        "with the interval above 0): NOT met",  # above 0, below the margin
+        "5x200/i2t_P@10 (both from the MAE tower): not measured"]
+
+
+def test_a_finished_run_is_found_again_by_another_path_to_the_same_tower(tmp_path):
+    tower = tmp_path / "study" / "pretrain-seed0" / "model.safetensors"
+    tower.parent.mkdir(parents=True)
+    tower.write_bytes(b"pretrained tower v1")
+    base = {"vision": {"num_views": 2}, "train": {"seed": 0}, "loss": {}}
+    cfg = arm_config("full", base, str(tower))
+    saved = {"config": cfg, "init_from_sha256": claims_study._init_digest(cfg)}
+    assert claims_study.same_run(saved, cfg)
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "study").rename(moved)  # the study folder moved (or --out given another way)
+    assert claims_study.same_run(saved, arm_config("full", base, str(moved / "pretrain-seed0" / "model.safetensors")))
+    # a retrained tower at the same path is another start: the run is redone
+    (moved / "pretrain-seed0" / "model.safetensors").write_bytes(b"pretrained tower v2")
+    assert not claims_study.same_run(saved, arm_config("full", base, str(moved / "pretrain-seed0" / "model.safetensors")))
+    # another setting, or a start from scratch, is another run whatever the tower
+    assert not claims_study.same_run(saved, arm_config("frozen", base, str(moved / "pretrain-seed0" / "model.safetensors")))
+    assert not claims_study.same_run(saved, arm_config("clinvla", base))
+    assert claims_study.same_run({"config": arm_config("clinvla", base)}, arm_config("clinvla", base))
+    # a run recorded before the digest was kept matches by its path only
+    old = {"config": cfg}
+    assert claims_study.same_run(old, cfg) and not claims_study.same_run(old, arm_config("full", base, "other/model.safetensors"))

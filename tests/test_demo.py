@@ -48,12 +48,20 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
     report = tmp_path / "reports" / "study_a.md"
     report.parent.mkdir()
-    assert reproduce.main(["--out", str(out), "--quick", "--seeds", "2", "--arms", "clinvla,clip",
+    # (with the two arms that start from the seed's MAE tower: ClinVLA and the baseline, both pretrained)
+    assert reproduce.main(["--out", str(out), "--quick", "--seeds", "2", "--arms", "clinvla,clip,full,clip_mae",
                            "--quality", str(report)]) == 0
     printed = capsys.readouterr().out
-    assert "[study] training" not in printed and printed.count("reusing the evaluation") == 4, printed
+    assert printed.count("reusing the evaluation") == 4, printed
+    trained = sorted(line.split()[-4] for line in printed.splitlines() if line.startswith("[study] ") and " for " in line
+                     and ("training" in line or "pre-training" in line))
+    assert trained == sorted(f"{a}-seed{s}" for a in ("pretrain", "full", "clip_mae") for s in (0, 1)), printed
     text = report.read_text()
     assert "## Verdict against the paper's margins" in text and "| metric |" in text
+    assert "## ClinVLA vs the CLIP baseline, both from the MAE tower: full - clip_mae" in text
+    verdict = text.split("## Verdict")[1].split("##")[0]
+    assert verdict.count("(from scratch): ClinVLA - CLIP") == 2, verdict
+    assert verdict.count("(both from the MAE tower): ClinVLA - CLIP") == 2, verdict
     assert {p.name for p in report.parent.iterdir()} == {"study_a.md", "study_a_retrieval.png", "study_a_pointing.png"}
     assert "study_a_retrieval.png" in text and "study_a_pointing.png" in text
 

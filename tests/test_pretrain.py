@@ -82,6 +82,30 @@ def test_init_from_loads_the_backbone_and_frozen_freezes_exactly_it(pretrained):
         assert {"image_global_head.fc1.weight", "text_local_head.fc2.weight", "logit_scale"} <= trainable
 
 
+def test_a_frontal_only_model_starts_from_the_two_view_tower_with_its_frontal_embedding(pretrained):
+    # the CLIP baseline (one view) from a pretraining run over both views: claims_study's clip_mae arm
+    source = load_checkpoint(pretrained).state_dict()
+    assert source["visual.view_embed"].shape[0] == 2
+    model = create_model({"preset": "tiny", "vision": {"init_from": str(pretrained / "model.safetensors"),
+                                                       "num_views": 1, "frozen": False}})
+    own = model.state_dict()
+    assert own["visual.view_embed"].shape[0] == 1
+    assert torch.equal(own["visual.view_embed"][0], source["visual.view_embed"][0])  # the frontal row
+    assert not torch.equal(source["visual.view_embed"][0], source["visual.view_embed"][1])
+    backbone = [k for k in own if k.startswith("visual.") and not is_adapter_key(k[7:]) and k != "visual.view_embed"]
+    assert len(backbone) > 20 and all(torch.equal(own[k], source[k]) for k in backbone)
+
+
+def test_a_two_view_model_does_not_start_from_a_one_view_tower(pretrained, tmp_path):
+    one_view = create_model({"preset": "tiny", "vision": {"init_from": str(pretrained / "model.safetensors"),
+                                                          "num_views": 1, "frozen": False}})
+    from clinvla_engine.model import save_checkpoint
+
+    save_checkpoint(one_view, tmp_path / "one")
+    with pytest.raises(CheckpointError, match=r"does not fit this model's vision config.*view_embed \(1, "):
+        create_model({"preset": "tiny", "vision": {"init_from": str(tmp_path / "one" / "model.safetensors")}})
+
+
 def test_init_from_refuses_another_architecture_and_a_second_source(pretrained, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this model's vision config.*width"):
         create_model({"preset": "tiny", "vision": {"init_from": str(pretrained), "width": 32, "heads": 2}})

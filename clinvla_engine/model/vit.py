@@ -232,7 +232,12 @@ def load_image_tower(vit: MultiViewViT, path: str) -> list[str]:
     Every backbone tensor (patch, position, CLS and view embeddings, the blocks, the final norm) is
     required with this model's shape: a checkpoint of another vision architecture is refused with
     the keys that differ, never loaded in part. The adapters are not loaded: they start fresh
-    (zero up-projection), so the adapted tower starts as exactly the pretrained one."""
+    (zero up-projection), so the adapted tower starts as exactly the pretrained one.
+
+    One exception to "this model's shape": a one-view model (``num_views`` 1) takes the frontal row
+    of a two-view checkpoint's view embeddings (row 0 is the frontal in both), so that a frontal-only
+    model can start from a pretraining run over both views; more views than the checkpoint has are
+    refused."""
     from .checkpoint import CheckpointError, read_checkpoint
 
     try:
@@ -241,6 +246,9 @@ def load_image_tower(vit: MultiViewViT, path: str) -> list[str]:
         raise CheckpointError(f"vision.init_from: {exc}") from None
     own = {k: v for k, v in vit.state_dict().items() if not is_adapter_key(k)}
     tower = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.") and not is_adapter_key(k[7:])}
+    views, want = tower.get("view_embed"), own["view_embed"].shape
+    if views is not None and views.shape[0] > want[0] and views.shape[1:] == want[1:]:
+        tower["view_embed"] = views[:want[0]]  # the frontal row (view 0) first
     missing = sorted(set(own) - set(tower))
     bad_shape = sorted(f"{k} {tuple(tower[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(tower)
                        if tower[k].shape != own[k].shape)
