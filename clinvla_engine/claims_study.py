@@ -26,9 +26,9 @@ manifest shared by all) and the claims protocols (``eval_claims``: strata, later
 keeping the per-item values, so that each metric gets a mean and a 95% interval over training
 seeds and evaluation items (``stats.seed_bootstrap``; one seed: over the items only) and each
 comparison a paired interval of the difference. Besides the claims, ``full - clinvla`` reads what
-the MAE pre-training alone changes, and ``full - clip_mae`` is the verdict's second comparison. Each run's evaluation is kept with a key over everything it
-depends on (``evaluation_key``) and reused while the key matches, so adding a comparison to a
-finished study re-evaluates nothing.
+the MAE pre-training alone changes, and ``full - clip_mae`` is the verdict's second comparison.
+Each run's evaluation is kept with a key over everything it depends on (``evaluation_key``) and
+reused while the key matches, so adding a comparison to a finished study re-evaluates nothing.
 """
 from __future__ import annotations
 

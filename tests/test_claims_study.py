@@ -114,12 +114,14 @@ def test_a_finished_run_is_found_again_by_another_path_to_the_same_tower(tmp_pat
     (tmp_path / "study").rename(moved)  # the study folder moved (or --out given another way)
     assert claims_study.same_run(saved, arm_config("full", base, str(moved / "pretrain-seed0" / "model.safetensors")))
     # a retrained tower at the same path is another start: the run is redone
+    there = str(moved / "pretrain-seed0" / "model.safetensors")
     (moved / "pretrain-seed0" / "model.safetensors").write_bytes(b"pretrained tower v2")
-    assert not claims_study.same_run(saved, arm_config("full", base, str(moved / "pretrain-seed0" / "model.safetensors")))
+    assert not claims_study.same_run(saved, arm_config("full", base, there))
     # another setting, or a start from scratch, is another run whatever the tower
-    assert not claims_study.same_run(saved, arm_config("frozen", base, str(moved / "pretrain-seed0" / "model.safetensors")))
+    assert not claims_study.same_run(saved, arm_config("frozen", base, there))
     assert not claims_study.same_run(saved, arm_config("clinvla", base))
     assert claims_study.same_run({"config": arm_config("clinvla", base)}, arm_config("clinvla", base))
     # a run recorded before the digest was kept matches by its path only
     old = {"config": cfg}
-    assert claims_study.same_run(old, cfg) and not claims_study.same_run(old, arm_config("full", base, "other/model.safetensors"))
+    assert claims_study.same_run(old, cfg)
+    assert not claims_study.same_run(old, arm_config("full", base, "other/model.safetensors"))

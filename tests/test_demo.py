@@ -53,8 +53,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                            "--quality", str(report)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing the evaluation") == 4, printed
-    trained = sorted(line.split()[-4] for line in printed.splitlines() if line.startswith("[study] ") and " for " in line
-                     and ("training" in line or "pre-training" in line))
+    trained = sorted(line.split()[-4] for line in printed.splitlines()
+                     if line.startswith(("[study] training ", "[study] pre-training ")))
     assert trained == sorted(f"{a}-seed{s}" for a in ("pretrain", "full", "clip_mae") for s in (0, 1)), printed
     text = report.read_text()
     assert "## Verdict against the paper's margins" in text and "| metric |" in text
