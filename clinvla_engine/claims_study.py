@@ -332,6 +332,12 @@ def verdict(comparison: dict, start: str = "") -> list[str]:
     return lines
 
 
+def verdicts(comparisons: dict) -> list[str]:
+    """The verdict lines of every VERDICT_COMPARISONS pair present in comparisons ({(a, b): compare()})."""
+    return [line for a, b, start in VERDICT_COMPARISONS if (a, b) in comparisons
+            for line in verdict(comparisons[(a, b)], start)]
+
+
 def run_study(out: Path, dataset, archive: Path, base_config: dict, arms: Sequence[str], seeds: Sequence[int],
               per_class: int, pretrain_steps: int | None = None) -> dict:
     """Trains and evaluates every arm x seed (reusing finished runs), then summarises and compares.
@@ -367,8 +373,7 @@ def run_study(out: Path, dataset, archive: Path, base_config: dict, arms: Sequen
                           "train_seconds": [i["seconds"] for i in infos[a]]} for a in arms},
              "seeds": list(seeds), "summaries": summaries,
              "comparisons": {f"{a} - {b}": c for (a, b), c in comparisons.items()},
-             "verdict": [line for a, b, start in VERDICT_COMPARISONS if (a, b) in comparisons
-                         for line in verdict(comparisons[(a, b)], start)],
+             "verdict": verdicts(comparisons),
              "seconds": time.perf_counter() - t0}
     atomic_write_text(out / "study.json", json.dumps(study, indent=1))
     return {"study": study, "runs": runs, "models": models, "infos": infos, "histories": histories,
